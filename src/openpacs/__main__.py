@@ -1,0 +1,5 @@
+import sys
+
+from openpacs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,367 @@
+"""Site configuration: one TOML file (plus CLI overrides) loaded once into typed, validated objects.
+
+Owns: the config schema (section and key names are public interface — sites and scripts depend
+on them; add keys freely, rename only with a compatible alias), defaults, validation with messages
+that name the offending key, and the merge of command-line overrides.
+Must not: open sockets, touch the data directory, or import protocol code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DUPLICATE_POLICIES = ("overwrite", "ignore", "reject", "keep")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the problem."""
+
+
+def validate_ae_title(value: object, key: str) -> str:
+    """PS3.5 AE VR: 1–16 characters of the default repertoire, no backslash or control chars,
+    not all spaces. Leading/trailing spaces are not significant and are removed."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string (an AE title), got {type(value).__name__}")
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ConfigError(f"{key}: an AE title must not be empty or all spaces")
+    if len(value) > 16:
+        raise ConfigError(f"{key}: AE title {value!r} is longer than 16 characters")
+    bad = [c for c in stripped if c == "\\" or ord(c) < 0x20 or ord(c) > 0x7E]
+    if bad:
+        raise ConfigError(f"{key}: AE title {value!r} contains a forbidden character {bad[0]!r}")
+    return stripped
+
+
+def _port(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: must be an integer port number, got {value!r}")
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{key}: port {value} is outside 0..65535")
+    return value
+
+
+def _host(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: must be a non-empty host name or IP address")
+    value = value.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        # A host name: RFC 1123 letters, digits, hyphens and dots.
+        if not all(c.isalnum() or c in "-._" for c in value):
+            raise ConfigError(
+                f"{key}: {value!r} is neither an IP address nor a host name"
+            ) from None
+    return value
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    return value
+
+
+def _positive_number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _int_range(value: object, key: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}: {value} is outside {lo}..{hi}")
+    return value
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RemoteNode:
+    """A known DICOM peer (PS3.8 presentation address + AE title)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    ae_title: str = "OPENPACS"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    # Maximum P-DATA-TF PDU length we accept (seed 002 T3.51: 4096..1048576; 0 = unlimited).
+    max_pdu: int = 131072
+    # Beyond this many established associations: A-ASSOCIATE-RJ transient, local limit exceeded.
+    max_associations: int = 32
+    require_known_calling_ae: bool = False
+    # PS3.8 ARTIM: how long a connection may take to send A-ASSOCIATE-RQ, and to close after
+    # release/abort. Also bounds a TCP health check that connects and idles.
+    artim_timeout: float = 10.0
+    # An established association silent for this long (or a PDU stalled mid-transfer) is aborted.
+    network_timeout: float = 60.0
+    # On SIGTERM/SIGINT, in-flight operations get this long to finish before connections close.
+    shutdown_timeout: float = 30.0
+    # TCP connections still negotiating (before A-ASSOCIATE-AC) beyond this are closed at once.
+    max_pending_connections: int = 64
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: Path = Path("./openpacs-data")
+    duplicate_policy: str = "overwrite"
+    # fsync blobs and the index before acknowledging. Turning it off trades power-loss
+    # durability for speed; a process crash still loses nothing acknowledged.
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    # SQLAlchemy URL. Empty: SQLite in <data_dir>/index.sqlite (WAL).
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class Hl7Config:
+    host: str = "0.0.0.0"
+    port: int = 2575
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    hl7: Hl7Config = field(default_factory=Hl7Config)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    remotes: tuple[RemoteNode, ...] = ()
+    source: Path | None = None  # the file this came from, for messages
+
+    @property
+    def index_url(self) -> str:
+        if self.index.url:
+            return self.index.url
+        return f"sqlite:///{(self.storage.data_dir / 'index.sqlite').resolve()}"
+
+    def remote_by_ae(self, ae_title: str) -> RemoteNode | None:
+        for remote in self.remotes:
+            if remote.ae_title == ae_title:
+                return remote
+        return None
+
+    def remote_by_name(self, name: str) -> RemoteNode | None:
+        for remote in self.remotes:
+            if remote.name == name:
+                return remote
+        return None
+
+
+def _check_keys(section: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in section:
+        if key not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ConfigError(f"{where}.{key}: unknown key (known keys: {known})")
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}]: must be a table")
+    return value
+
+
+def _dicom(raw: dict[str, Any]) -> DicomConfig:
+    d = DicomConfig()
+    _check_keys(raw, {f.name for f in dataclasses.fields(DicomConfig)}, "dicom")
+    max_pdu = raw.get("max_pdu", d.max_pdu)
+    if (
+        isinstance(max_pdu, bool)
+        or not isinstance(max_pdu, int)
+        or (max_pdu != 0 and not 4096 <= max_pdu <= 1048576)
+    ):
+        raise ConfigError(
+            f"dicom.max_pdu: {max_pdu!r} must be 0 (unlimited) or between 4096 and 1048576"
+        )
+    return DicomConfig(
+        ae_title=validate_ae_title(raw.get("ae_title", d.ae_title), "dicom.ae_title"),
+        host=_host(raw.get("host", d.host), "dicom.host"),
+        port=_port(raw.get("port", d.port), "dicom.port"),
+        max_pdu=max_pdu,
+        max_associations=_int_range(
+            raw.get("max_associations", d.max_associations), "dicom.max_associations", 1, 10000
+        ),
+        require_known_calling_ae=_bool(
+            raw.get("require_known_calling_ae", d.require_known_calling_ae),
+            "dicom.require_known_calling_ae",
+        ),
+        artim_timeout=_positive_number(
+            raw.get("artim_timeout", d.artim_timeout), "dicom.artim_timeout"
+        ),
+        network_timeout=_positive_number(
+            raw.get("network_timeout", d.network_timeout), "dicom.network_timeout"
+        ),
+        shutdown_timeout=_positive_number(
+            raw.get("shutdown_timeout", d.shutdown_timeout), "dicom.shutdown_timeout"
+        ),
+        max_pending_connections=_int_range(
+            raw.get("max_pending_connections", d.max_pending_connections),
+            "dicom.max_pending_connections",
+            1,
+            100000,
+        ),
+    )
+
+
+def _storage(raw: dict[str, Any], base: Path) -> StorageConfig:
+    d = StorageConfig()
+    _check_keys(raw, {f.name for f in dataclasses.fields(StorageConfig)}, "storage")
+    policy = raw.get("duplicate_policy", d.duplicate_policy)
+    if policy not in DUPLICATE_POLICIES:
+        raise ConfigError(
+            f"storage.duplicate_policy: {policy!r} is not one of {', '.join(DUPLICATE_POLICIES)}"
+        )
+    data_dir = Path(_str(raw.get("data_dir", str(d.data_dir)), "storage.data_dir"))
+    if not data_dir.is_absolute() and "data_dir" in raw:
+        data_dir = base / data_dir  # relative to the config file, as users expect
+    return StorageConfig(
+        data_dir=data_dir,
+        duplicate_policy=policy,
+        fsync=_bool(raw.get("fsync", d.fsync), "storage.fsync"),
+    )
+
+
+def _remotes(raw: object) -> tuple[RemoteNode, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("remote: must be an array of tables ([[remote]])")
+    remotes: list[RemoteNode] = []
+    names: set[str] = set()
+    for i, entry in enumerate(raw):
+        where = f"remote[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table")
+        _check_keys(entry, {"name", "ae_title", "host", "port"}, where)
+        for key in ("ae_title", "host", "port"):
+            if key not in entry:
+                raise ConfigError(f"{where}.{key}: required key is missing")
+        ae = validate_ae_title(entry["ae_title"], f"{where}.ae_title")
+        name = _str(entry.get("name", ae), f"{where}.name")
+        if name in names:
+            raise ConfigError(f"{where}.name: {name!r} is used by another [[remote]]")
+        names.add(name)
+        remotes.append(
+            RemoteNode(
+                name=name,
+                ae_title=ae,
+                host=_host(entry["host"], f"{where}.host"),
+                port=_port(entry["port"], f"{where}.port"),
+            )
+        )
+    return tuple(remotes)
+
+
+def parse_config(
+    raw: dict[str, Any], *, base: Path = Path("."), source: Path | None = None
+) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`."""
+    _check_keys(raw, {"dicom", "storage", "index", "http", "hl7", "logging", "remote"}, "config")
+    index_raw = _section(raw, "index")
+    _check_keys(index_raw, {"url"}, "index")
+    http_raw = _section(raw, "http")
+    _check_keys(http_raw, {"host", "port"}, "http")
+    hl7_raw = _section(raw, "hl7")
+    _check_keys(hl7_raw, {"host", "port"}, "hl7")
+    log_raw = _section(raw, "logging")
+    _check_keys(log_raw, {"level"}, "logging")
+    level = _str(log_raw.get("level", "INFO"), "logging.level").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"logging.level: {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return Config(
+        dicom=_dicom(_section(raw, "dicom")),
+        storage=_storage(_section(raw, "storage"), base),
+        index=IndexConfig(url=_str(index_raw.get("url", ""), "index.url")),
+        http=HttpConfig(
+            host=_host(http_raw.get("host", HttpConfig.host), "http.host"),
+            port=_port(http_raw.get("port", HttpConfig.port), "http.port"),
+        ),
+        hl7=Hl7Config(
+            host=_host(hl7_raw.get("host", Hl7Config.host), "hl7.host"),
+            port=_port(hl7_raw.get("port", Hl7Config.port), "hl7.port"),
+        ),
+        logging=LoggingConfig(level=level),
+        remotes=_remotes(raw.get("remote")),
+        source=source,
+    )
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate a TOML config file (or the defaults when *path* is None)."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return parse_config(raw, base=path.parent, source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def apply_overrides(
+    config: Config,
+    *,
+    data_dir: Path | None = None,
+    ae_title: str | None = None,
+    dicom_port: int | None = None,
+    http_port: int | None = None,
+    hl7_port: int | None = None,
+    host: str | None = None,
+) -> Config:
+    """Command-line flags override the file (``openpacs serve --dicom-port …``)."""
+    dicom, storage, http, hl7 = config.dicom, config.storage, config.http, config.hl7
+    if ae_title is not None:
+        dicom = dataclasses.replace(dicom, ae_title=validate_ae_title(ae_title, "--ae-title"))
+    if dicom_port is not None:
+        dicom = dataclasses.replace(dicom, port=_port(dicom_port, "--dicom-port"))
+    if http_port is not None:
+        http = dataclasses.replace(http, port=_port(http_port, "--http-port"))
+    if hl7_port is not None:
+        hl7 = dataclasses.replace(hl7, port=_port(hl7_port, "--hl7-port"))
+    if host is not None:
+        host = _host(host, "--host")
+        dicom = dataclasses.replace(dicom, host=host)
+        http = dataclasses.replace(http, host=host)
+        hl7 = dataclasses.replace(hl7, host=host)
+    if data_dir is not None:
+        storage = dataclasses.replace(storage, data_dir=data_dir)
+    return dataclasses.replace(config, dicom=dicom, storage=storage, http=http, hl7=hl7)

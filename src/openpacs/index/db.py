@@ -1,0 +1,254 @@
+"""Index database access: engine setup, schema creation, and the single serialised writer.
+
+Owns: connecting to SQLite (WAL, busy timeout) or PostgreSQL through SQLAlchemy Core; creating
+the schema; and :class:`IndexWriter`, the one thread that runs every write operation. Writes
+queued while a transaction commits run together in the next transaction (group commit), and no
+caller is answered before the transaction holding its write has committed. An operation that
+raises is retried alone so that it cannot fail its neighbours.
+
+Durability split (see docs/architecture.md, "Durability"): the blob store is the record of what
+was acknowledged — a blob is fsynced before its row is written. On SQLite the WAL runs with
+``synchronous=NORMAL``: a commit survives a process crash at once, and survives power loss from
+the next checkpoint on. The writer checkpoints at least every ``CHECKPOINT_EVERY`` seconds of
+activity and then reports the time before the checkpoint through ``on_durable``; after a crash
+the archive re-indexes blobs written since that time that have no row. PostgreSQL commits are
+durable by themselves.
+Must not: decide what is written (that is the archive's and later services' job).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, insert, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool
+
+from openpacs.index import schema
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WriteOp = Callable[[Connection], Any]
+
+MAX_BATCH = 256
+CHECKPOINT_EVERY = 5.0  # seconds
+
+
+class IndexUnavailable(Exception):
+    """The index could not be reached or locked in time (maps to a transient failure)."""
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str, *, pool_size: int = 8) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 10.0, "check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=32,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, decide when transactions begin (SQLAlchemy's
+            # documented recipe); the writer then takes the write lock up front.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("writer") else "BEGIN")
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_size=pool_size, max_overflow=32, pool_pre_ping=True)
+    return create_engine(url, poolclass=NullPool)
+
+
+def create_schema(engine: Engine) -> None:
+    schema.metadata.create_all(engine)
+    with engine.begin() as conn:
+        version = conn.execute(select(schema.schema_info.c.version)).scalar()
+        if version is None:
+            conn.execute(insert(schema.schema_info).values(version=schema.SCHEMA_VERSION))
+        elif version != schema.SCHEMA_VERSION:
+            raise RuntimeError(
+                f"index schema version {version} is not {schema.SCHEMA_VERSION}; "
+                "this openpacs cannot open it"
+            )
+
+
+class IndexWriter:
+    """The one thread that writes to the index, with group commit."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queue: queue.SimpleQueue[tuple[WriteOp, Future[Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
+        self._conn: Connection | None = None
+        self.batches = 0
+        self.ops = 0
+        # Called (in the writer thread) after a transaction rolled back, so caches kept by
+        # operations can forget keys of rows that were never committed.
+        self.on_failure: list[Callable[[], None]] = []
+        # Called with a Unix time T once every commit made before T is durable on disk.
+        self.on_durable: list[Callable[[float], None]] = []
+        self._dirty_since: float | None = None  # time of the first commit not yet checkpointed
+        self._thread.start()
+
+    def submit(self, op: Callable[[Connection], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((op, future))
+        return future
+
+    def run(self, op: Callable[[Connection], T], timeout: float | None = None) -> T:
+        """Run *op* in a write transaction and return its result once committed."""
+        return self.submit(op).result(timeout)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    # ------------------------------------------------------------------ thread
+    def _connect(self) -> Connection:
+        if self._conn is None or self._conn.closed:
+            conn = self.engine.connect()
+            conn.info["writer"] = True
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:
+                log.debug("closing a broken index connection failed", exc_info=True)
+        self._conn = None
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                item = self._queue.get(timeout=CHECKPOINT_EVERY)
+            except queue.Empty:
+                self._checkpoint()
+                continue
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            if (
+                self._dirty_since is not None
+                and time.time() - self._dirty_since >= CHECKPOINT_EVERY
+            ):
+                self._checkpoint()
+        self._checkpoint()
+        if self._conn is not None:
+            self._conn.close()
+
+    def _checkpoint(self) -> None:
+        """Make every commit so far durable; then tell on_durable listeners."""
+        if self._dirty_since is None:
+            return
+        before = time.time()
+        try:
+            if is_sqlite(self.engine):
+                # The WAL is fsynced before frames are copied back (SQLite, synchronous=NORMAL).
+                # Run on the driver connection: a checkpoint must be outside any transaction.
+                dbapi = self._connect().connection.dbapi_connection
+                assert dbapi is not None
+                cursor = dbapi.cursor()
+                try:
+                    cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    cursor.fetchall()
+                finally:
+                    cursor.close()
+        except Exception:
+            log.exception("index checkpoint failed; will retry")
+            return
+        self._dirty_since = None
+        for callback in self.on_durable:
+            try:
+                callback(before)
+            except Exception:
+                log.exception("index on_durable callback failed")
+
+    def _run_batch(self, batch: list[tuple[WriteOp, Future[Any]]]) -> None:
+        batch = [(op, fut) for op, fut in batch if fut.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        started = time.time()
+        results: list[Any] = []
+        try:
+            conn = self._connect()
+            with conn.begin():
+                for op, _future in batch:
+                    results.append(op(conn))
+        except Exception as exc:
+            self._rolled_back()
+            self._drop_connection_if_broken(exc)
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            # One operation spoiled the batch: run each alone so only the culprit fails.
+            for op, future in batch:
+                try:
+                    conn = self._connect()
+                    with conn.begin():
+                        result = op(conn)
+                    self._committed(started, 1)
+                    future.set_result(result)
+                except Exception as single_exc:
+                    self._rolled_back()
+                    self._drop_connection_if_broken(single_exc)
+                    future.set_exception(single_exc)
+            return
+        self._committed(started, len(batch))
+        for (_op, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+
+    def _committed(self, started: float, ops: int) -> None:
+        self.batches += 1
+        self.ops += ops
+        if self._dirty_since is None:
+            self._dirty_since = started
+
+    def _rolled_back(self) -> None:
+        for callback in self.on_failure:
+            try:
+                callback()
+            except Exception:
+                log.exception("index writer rollback callback failed")
+
+    def _drop_connection_if_broken(self, exc: Exception) -> None:
+        from sqlalchemy.exc import DBAPIError
+
+        if (isinstance(exc, DBAPIError) and exc.connection_invalidated) or (
+            self._conn is not None and self._conn.invalidated
+        ):
+            self._drop_connection()

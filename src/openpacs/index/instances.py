@@ -1,0 +1,376 @@
+"""Writing and reading instance rows (with their patient, study and series) in the index.
+
+Owns: the transaction that files one instance — duplicate policy decision (overwrite | ignore |
+reject | keep, seed 002 §3.2.9.4), same-UID-different-class conflict (C016), patient/study/series
+creation, counts and Modalities in Study — run on the :class:`IndexWriter` so it is serialised
+and group-committed; and simple reads (lookups by UID, listings, blob keys).
+Must not: touch blobs (the archive deletes replaced blobs after the commit) or speak DICOM.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Row
+
+from openpacs.index.db import IndexWriter
+from openpacs.index.schema import instances, patients, series, series_requests, studies
+from openpacs.services.records import InstanceRecord
+
+STORED, REPLACED, KEPT_DUPLICATE, IGNORED, REJECTED, CLASS_CONFLICT = (
+    "stored", "replaced", "kept-duplicate", "ignored", "rejected", "class-conflict",
+)  # fmt: skip
+
+
+@dataclass
+class StoreOutcome:
+    kind: str
+    instance_pk: int | None = None
+    existing_class: str | None = None
+    replaced_blob_keys: list[str] = field(default_factory=list)
+    new_study: bool = False
+    new_series: bool = False
+
+
+class _LRU(OrderedDict[Any, Any]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+    def lookup(self, key: Any) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+# Statements built once: SQLAlchemy then only binds parameters (its compiled cache is keyed on
+# the construct), which is most of the per-instance index cost on the ingest path.
+_FIND_BY_SOP = select(instances.c.pk, instances.c.sop_class_uid, instances.c.blob_key).where(
+    instances.c.sop_uid == bindparam("sop_uid")
+)
+_FIND_PATIENT = select(patients.c.pk).where(
+    patients.c.patient_id == bindparam("pid"), patients.c.issuer == bindparam("issuer")
+)
+_FIND_STUDY = select(studies.c.pk, studies.c.modalities).where(
+    studies.c.study_uid == bindparam("uid")
+)
+_FIND_SERIES = select(series.c.pk).where(series.c.series_uid == bindparam("uid"))
+_INSERT_PATIENT = insert(patients)
+_INSERT_STUDY = insert(studies)
+_INSERT_SERIES = insert(series)
+_INSERT_REQUEST = insert(series_requests)
+_INSERT_INSTANCE = insert(instances)
+_BUMP_SERIES = (
+    update(series)
+    .where(series.c.pk == bindparam("b_pk"))
+    .values(num_instances=series.c.num_instances + 1, updated_at=bindparam("b_now"))
+)
+_BUMP_STUDY = (
+    update(studies)
+    .where(studies.c.pk == bindparam("b_pk"))
+    .values(
+        num_instances=studies.c.num_instances + 1,
+        num_series=studies.c.num_series + bindparam("b_new_series"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_BUMP_PATIENT = (
+    update(patients)
+    .where(patients.c.pk == bindparam("b_pk"))
+    .values(num_studies=patients.c.num_studies + 1, updated_at=bindparam("b_now"))
+)
+_SET_MODALITIES = (
+    update(studies).where(studies.c.pk == bindparam("b_pk")).values(modalities=bindparam("b_mod"))
+)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class InstanceIndex:
+    def __init__(self, engine: Engine, writer: IndexWriter) -> None:
+        self.engine = engine
+        self.writer = writer
+        # Writer-thread caches of primary keys (only touched inside writer operations).
+        self._patient_pk = _LRU(4096)
+        self._study = _LRU(4096)  # study_uid -> (pk, patient_pk, modalities set)
+        self._series_pk = _LRU(16384)
+        writer.on_failure.append(self.forget_cached_keys)
+
+    def forget_cached_keys(self) -> None:
+        """A write transaction rolled back: cached keys may name rows that do not exist."""
+        self._patient_pk.clear()
+        self._study.clear()
+        self._series_pk.clear()
+
+    # ------------------------------------------------------------------ writes
+    def store(
+        self,
+        record: InstanceRecord,
+        blob_key: str,
+        size: int,
+        calling_ae: str | None,
+        policy: str,
+    ) -> Future[StoreOutcome]:
+        """File one instance; the future completes once the transaction has committed."""
+        return self.writer.submit(
+            lambda conn: self._store_op(conn, record, blob_key, size, calling_ae, policy)
+        )
+
+    def delete_instance(self, instance_pk: int) -> None:
+        self.writer.run(lambda conn: self._delete_instance(conn, instance_pk, _now()))
+
+    def _store_op(
+        self,
+        conn: Connection,
+        rec: InstanceRecord,
+        blob_key: str,
+        size: int,
+        calling_ae: str | None,
+        policy: str,
+    ) -> StoreOutcome:
+        now = _now()
+        existing = conn.execute(_FIND_BY_SOP, {"sop_uid": rec.sop_uid}).all()
+        kind = STORED
+        replaced: list[Row[Any]] = []
+        if existing:
+            for row in existing:
+                if row.sop_class_uid != rec.sop_class_uid:
+                    return StoreOutcome(CLASS_CONFLICT, existing_class=row.sop_class_uid)
+            if policy == "ignore":
+                return StoreOutcome(IGNORED)
+            if policy == "reject":
+                return StoreOutcome(REJECTED)
+            if policy == "overwrite":
+                replaced = list(existing)
+                kind = REPLACED
+            else:
+                kind = KEPT_DUPLICATE
+
+        patient_pk = self._patient(conn, rec, now)
+        study_pk, new_study = self._study_row(conn, rec, patient_pk, now)
+        series_pk, new_series = self._series_row(conn, rec, study_pk, now)
+        values = dict(rec.instance)
+        values.update(
+            series_pk=series_pk,
+            sop_uid=rec.sop_uid,
+            blob_key=blob_key,
+            size=size,
+            calling_ae=calling_ae,
+            received_at=now,
+        )
+        instance_pk = conn.execute(_INSERT_INSTANCE, values).inserted_primary_key[0]
+        conn.execute(_BUMP_SERIES, {"b_pk": series_pk, "b_now": now})
+        conn.execute(
+            _BUMP_STUDY, {"b_pk": study_pk, "b_new_series": 1 if new_series else 0, "b_now": now}
+        )
+        if new_study:
+            conn.execute(_BUMP_PATIENT, {"b_pk": patient_pk, "b_now": now})
+        for row in replaced:
+            self._delete_instance(conn, row.pk, now)
+        return StoreOutcome(
+            kind,
+            instance_pk=instance_pk,
+            replaced_blob_keys=[row.blob_key for row in replaced],
+            new_study=new_study,
+            new_series=new_series,
+        )
+
+    def _patient(self, conn: Connection, rec: InstanceRecord, now: dt.datetime) -> int:
+        key = (rec.patient["patient_id"], rec.patient["issuer"])
+        pk = self._patient_pk.lookup(key)
+        if pk is not None:
+            return int(pk)
+        pk = conn.execute(_FIND_PATIENT, {"pid": key[0], "issuer": key[1]}).scalar()
+        if pk is None:
+            pk = conn.execute(
+                _INSERT_PATIENT,
+                {**rec.patient, "num_studies": 0, "created_at": now, "updated_at": now},
+            ).inserted_primary_key[0]
+        self._patient_pk.put(key, pk)
+        return int(pk)
+
+    def _study_row(
+        self, conn: Connection, rec: InstanceRecord, patient_pk: int, now: dt.datetime
+    ) -> tuple[int, bool]:
+        cached = self._study.lookup(rec.study_uid)
+        if cached is not None:
+            return cached[0], False
+        row = conn.execute(_FIND_STUDY, {"uid": rec.study_uid}).first()
+        if row is not None:
+            modalities = set(filter(None, (row.modalities or "").split("\\")))
+            self._study.put(rec.study_uid, (row.pk, modalities))
+            return int(row.pk), False
+        pk = conn.execute(
+            _INSERT_STUDY,
+            {
+                **rec.study,
+                "patient_pk": patient_pk,
+                "modalities": None,
+                "num_series": 0,
+                "num_instances": 0,
+                "created_at": now,
+                "updated_at": now,
+            },
+        ).inserted_primary_key[0]
+        self._study.put(rec.study_uid, (pk, set()))
+        return int(pk), True
+
+    def _series_row(
+        self, conn: Connection, rec: InstanceRecord, study_pk: int, now: dt.datetime
+    ) -> tuple[int, bool]:
+        pk = self._series_pk.lookup(rec.series_uid)
+        if pk is not None:
+            return int(pk), False
+        pk = conn.execute(_FIND_SERIES, {"uid": rec.series_uid}).scalar()
+        if pk is not None:
+            self._series_pk.put(rec.series_uid, pk)
+            return int(pk), False
+        pk = conn.execute(
+            _INSERT_SERIES,
+            {
+                **rec.series,
+                "study_pk": study_pk,
+                "num_instances": 0,
+                "created_at": now,
+                "updated_at": now,
+            },
+        ).inserted_primary_key[0]
+        for request in rec.requests:
+            conn.execute(_INSERT_REQUEST, {**request, "series_pk": pk})
+        modality = rec.series.get("modality")
+        if modality:
+            cached = self._study.lookup(rec.study_uid)
+            modalities: set[str] = cached[1] if cached else set()
+            if modality not in modalities:
+                modalities.add(modality)
+                conn.execute(
+                    _SET_MODALITIES, {"b_pk": study_pk, "b_mod": "\\".join(sorted(modalities))}
+                )
+        self._series_pk.put(rec.series_uid, pk)
+        return int(pk), True
+
+    def _delete_instance(self, conn: Connection, instance_pk: int, now: dt.datetime) -> None:
+        """Remove one instance row, fix counts, drop a series/study/patient left empty."""
+        row = conn.execute(
+            select(instances.c.series_pk, series.c.study_pk, studies.c.patient_pk)
+            .join(series, series.c.pk == instances.c.series_pk)
+            .join(studies, studies.c.pk == series.c.study_pk)
+            .where(instances.c.pk == instance_pk)
+        ).one()
+        conn.execute(delete(instances).where(instances.c.pk == instance_pk))
+        left = conn.execute(
+            update(series)
+            .where(series.c.pk == row.series_pk)
+            .values(num_instances=series.c.num_instances - 1, updated_at=now)
+            .returning(series.c.num_instances)
+        ).scalar_one()
+        series_gone = left <= 0
+        if series_gone:
+            conn.execute(
+                delete(series_requests).where(series_requests.c.series_pk == row.series_pk)
+            )
+            conn.execute(delete(series).where(series.c.pk == row.series_pk))
+        study_left = conn.execute(
+            update(studies)
+            .where(studies.c.pk == row.study_pk)
+            .values(
+                num_instances=studies.c.num_instances - 1,
+                num_series=studies.c.num_series - (1 if series_gone else 0),
+                updated_at=now,
+            )
+            .returning(studies.c.num_instances)
+        ).scalar_one()
+        if series_gone:
+            self._refresh_modalities(conn, row.study_pk)
+        if study_left <= 0:
+            conn.execute(delete(studies).where(studies.c.pk == row.study_pk))
+            studies_left = conn.execute(
+                update(patients)
+                .where(patients.c.pk == row.patient_pk)
+                .values(num_studies=patients.c.num_studies - 1, updated_at=now)
+                .returning(patients.c.num_studies)
+            ).scalar_one()
+            if studies_left <= 0:
+                conn.execute(delete(patients).where(patients.c.pk == row.patient_pk))
+        if series_gone or study_left <= 0:
+            self.forget_cached_keys()
+
+    def _refresh_modalities(self, conn: Connection, study_pk: int) -> None:
+        found = conn.execute(
+            select(series.c.modality).where(series.c.study_pk == study_pk).distinct()
+        ).scalars()
+        modalities = sorted({m for m in found if m})
+        conn.execute(
+            update(studies)
+            .where(studies.c.pk == study_pk)
+            .values(modalities="\\".join(modalities) or None)
+        )
+
+    # ------------------------------------------------------------------ reads
+    def find_by_sop_uid(self, sop_uid: str) -> Sequence[Row[Any]]:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(instances).where(instances.c.sop_uid == sop_uid).order_by(instances.c.pk)
+            ).all()
+
+    def existing_blob_keys(self, keys: Sequence[str]) -> set[str]:
+        """Those of *keys* that an instance row names."""
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                found.update(
+                    conn.execute(
+                        select(instances.c.blob_key).where(instances.c.blob_key.in_(chunk))
+                    ).scalars()
+                )
+        return found
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {
+                name: int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+                for name, table in (
+                    ("patients", patients),
+                    ("studies", studies),
+                    ("series", series),
+                    ("instances", instances),
+                )
+            }
+
+    def list_studies(self, limit: int | None = None) -> Sequence[Row[Any]]:
+        query = (
+            select(
+                patients.c.patient_id,
+                patients.c.patient_name,
+                studies.c.study_uid,
+                studies.c.study_date,
+                studies.c.study_time,
+                studies.c.accession_number,
+                studies.c.study_description,
+                studies.c.modalities,
+                studies.c.num_series,
+                studies.c.num_instances,
+            )
+            .join(patients, patients.c.pk == studies.c.patient_pk)
+            .order_by(studies.c.study_date.desc(), studies.c.study_time.desc(), studies.c.pk)
+        )
+        if limit:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return conn.execute(query).all()

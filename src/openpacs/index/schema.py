@@ -1,0 +1,156 @@
+"""The index schema: patient / study / series / instance rows (SQLAlchemy Core; SQLite, PostgreSQL).
+
+Owns: table and column definitions. Columns exist for every attribute that a query of seed 002
+Tables 3.13/3.15/3.17 (QIDO-RS) and 3.71–3.74 (C-FIND) matches on, in a form SQL can compare:
+dates 'YYYYMMDD', times normalised to 'HHMMSS' (fractions ignored, seed 002 §3.2.11.4),
+study date+time 'YYYYMMDDHHMMSS' for the combined range rule, person names also upper-cased for
+case-insensitive matching. Attributes that are only returned (sequences and the like) are kept
+per level as the raw encoded elements (``attrs`` + ``attrs_ts``), decoded with pydicom only for
+rows actually returned. Counts (number of related series/instances) are maintained on write.
+Must not: contain query logic. Types are portable: no SQLite- or PostgreSQL-only column types.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# An auto-increment primary key that is BIGINT on PostgreSQL and the rowid on SQLite.
+PrimaryKey = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+SCHEMA_VERSION = 1
+
+schema_info = Table(
+    "schema_info",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("patient_id", String(64), nullable=False),  # (0010,0020) as indexed (see archive)
+    Column("issuer", String(64), nullable=False, default=""),  # (0010,0021)
+    Column("patient_id_generated", Integer, nullable=False, default=0),  # seed 002: empty ID rule
+    Column("patient_name", String(400)),  # (0010,0010) decoded, '=' component groups kept
+    Column("patient_name_norm", String(400)),  # upper-case, for case-insensitive matching
+    Column("birth_date", String(8)),
+    Column("sex", String(16)),
+    Column("charset", String(128)),
+    Column("num_studies", Integer, nullable=False, default=0),
+    Column("attrs", LargeBinary),
+    Column("attrs_ts", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),
+)
+Index("ix_patients_name_norm", patients.c.patient_name_norm)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("patient_pk", PrimaryKey, ForeignKey("patients.pk"), nullable=False),
+    Column("study_uid", String(64), nullable=False, unique=True),
+    Column("study_date", String(8)),
+    Column("study_time", String(6)),
+    Column("study_datetime", String(14)),  # study_date + study_time, for date1.time1–date2.time2
+    Column("accession_number", String(16)),
+    Column("study_id", String(16)),
+    Column("study_description", String(64)),
+    Column("referring_physician", String(400)),
+    Column("referring_physician_norm", String(400)),
+    Column("institution_name", String(64)),
+    Column("modalities", String(256)),  # Modalities in Study: sorted, backslash-joined
+    Column("charset", String(128)),
+    Column("num_series", Integer, nullable=False, default=0),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("attrs", LargeBinary),
+    Column("attrs_ts", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_studies_patient", studies.c.patient_pk)
+Index("ix_studies_date", studies.c.study_date)
+Index("ix_studies_datetime", studies.c.study_datetime)
+Index("ix_studies_accession", studies.c.accession_number)
+Index("ix_studies_study_id", studies.c.study_id)
+
+series = Table(
+    "series",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("study_pk", PrimaryKey, ForeignKey("studies.pk"), nullable=False),
+    Column("series_uid", String(64), nullable=False, unique=True),
+    Column("modality", String(16)),
+    Column("series_number", Integer),
+    Column("series_description", String(64)),
+    Column("body_part", String(64)),
+    Column("station_name", String(16)),
+    Column("institution_name", String(64)),
+    Column("pps_start_date", String(8)),
+    Column("pps_start_time", String(6)),
+    Column("charset", String(128)),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("attrs", LargeBinary),
+    Column("attrs_ts", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_series_study", series.c.study_pk)
+Index("ix_series_modality", series.c.modality)
+
+# Request Attributes Sequence items of a series (seed 002 T3.15/T3.73: matchable sub-keys).
+series_requests = Table(
+    "series_requests",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("series_pk", PrimaryKey, ForeignKey("series.pk"), nullable=False),
+    Column("requested_procedure_id", String(16)),
+    Column("scheduled_procedure_step_id", String(16)),
+    Column("accession_number", String(16)),
+)
+Index("ix_series_requests_series", series_requests.c.series_pk)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("series_pk", PrimaryKey, ForeignKey("series.pk"), nullable=False),
+    # Not unique: duplicate_policy = "keep" stores the same SOP Instance UID twice (seed 002).
+    Column("sop_uid", String(64), nullable=False),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("instance_number", Integer),
+    Column("transfer_syntax", String(64), nullable=False),
+    Column("blob_key", String(64), nullable=False, unique=True),
+    Column("size", BigInteger, nullable=False),
+    Column("calling_ae", String(16)),
+    Column("content_date", String(8)),
+    Column("content_time", String(6)),
+    Column("number_of_frames", Integer),
+    Column("rows", Integer),
+    Column("columns", Integer),
+    Column("bits_allocated", Integer),
+    Column("image_type", Text),
+    Column("charset", String(128)),
+    Column("attrs", LargeBinary),
+    Column("attrs_ts", String(64)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_instances_series", instances.c.series_pk)
+Index("ix_instances_sop_uid", instances.c.sop_uid)

@@ -1,0 +1,555 @@
+"""The archive: the one ingest path for every way an instance arrives (C-STORE, import, later STOW).
+
+Owns: turning received bytes into a durably stored, indexed instance and a DIMSE status —
+streaming a data set to memory or (beyond ``SPILL_BYTES``) straight into its blob file, scanning
+its header, refusing what cannot be filed (C00B, C011, C016, A900, C000), applying the duplicate
+policy, writing the blob (fsynced) *before* the index transaction that names it commits, and only
+then answering success; replaced blobs are deleted after the commit. At start, files left
+without an index row by a crash are removed.
+Must not: speak a network protocol (adapters in ``dimse/``, ``web/`` call it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from openpacs.blobs.files import BlobWriter, FileBlobStore
+from openpacs.config import Config
+from openpacs.dicom.header import (
+    INDEX_TAGS,
+    DatasetFormatError,
+    ScannedHeader,
+    scan_dataset,
+    scan_part10,
+)
+from openpacs.dicom.part10 import encode_file_meta
+from openpacs.dimse import status as st
+from openpacs.dimse.status import Status
+from openpacs.index import db
+from openpacs.index.instances import (
+    CLASS_CONFLICT,
+    IGNORED,
+    KEPT_DUPLICATE,
+    REJECTED,
+    REPLACED,
+    InstanceIndex,
+    StoreOutcome,
+)
+from openpacs.services.records import MissingElement, build_record
+
+log = logging.getLogger(__name__)
+
+SPILL_BYTES = 8 << 20  # data sets larger than this go to disk as they arrive
+RUN_DIR = "run"
+
+
+@dataclass
+class StoreResult:
+    status: Status
+    comment: str | None = None
+    outcome: str | None = None  # stored | replaced | kept-duplicate | ignored
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status.code == 0x0000
+
+
+class IncomingInstance:
+    """The data set of one C-STORE (or similar) as it arrives; a DatasetSink."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str | None,
+    ) -> None:
+        self.archive = archive
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.calling_ae = calling_ae
+        self.meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        self.buffer = bytearray()
+        self.blob: BlobWriter | None = None
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: memoryview) -> None:
+        if self.error is not None:
+            return  # keep draining the association; the failure is reported at the end
+        self.size += len(data)
+        if self.blob is None:
+            self.buffer += data
+            if len(self.buffer) > SPILL_BYTES:
+                try:
+                    self.blob = self.archive.blobs.create()
+                    self.blob.write(self.meta)
+                    self.blob.write(self.buffer)
+                except OSError as exc:
+                    self._fail(exc)
+                self.buffer = bytearray()
+            return
+        try:
+            self.blob.write(data)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        if self.blob is not None:
+            self.blob.abort()
+            self.blob = None
+        self.buffer = bytearray()
+
+    def close(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        if self.blob is not None:
+            self.blob.abort()
+            self.blob = None
+        self.buffer = bytearray()
+
+
+class Archive:
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+        self.config = config
+        data_dir = config.storage.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
+        self.blobs = FileBlobStore(data_dir / "blobs", fsync=config.storage.fsync)
+        self.engine = engine or db.make_engine(config.index_url)
+        db.create_schema(self.engine)
+        self.writer = db.IndexWriter(self.engine)
+        self.index = InstanceIndex(self.engine, self.writer)
+        self.policy = config.storage.duplicate_policy
+        self._run_file: Path | None = None
+        self._run_info: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def recover(self) -> int:
+        """Finish what a crashed process left: every process using the data folder registers in
+        ``run/<token>.json`` (its blob-key prefix, pid, start time, and the time through which
+        its index commits are known durable) and removes the file when it stops cleanly. For a
+        registered process that is gone, its blobs written since that time that no row names
+        are re-indexed when complete (a blob is fsynced before its row is written, so such a
+        blob may be an acknowledged instance whose row a power loss took) and deleted when not
+        (a transfer cut off mid-way). Live processes' blobs are never touched.
+        Returns the number of blobs re-indexed or removed."""
+        run_dir = self.data_dir / RUN_DIR
+        run_dir.mkdir(exist_ok=True)
+        handled = 0
+        for entry in sorted(run_dir.glob("*.json")):
+            try:
+                info = json.loads(entry.read_text())
+                token, pid = str(info["token"]), int(info["pid"])
+                through = float(info.get("durable_through", info["started"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("recovery: unreadable run file %s removed", entry)
+                entry.unlink(missing_ok=True)
+                continue
+            if _process_alive(pid):
+                continue
+            t0 = time.monotonic()
+            candidates = list(self.blobs.keys(since=through - 3600, token=token))
+            known = self.index.existing_blob_keys(candidates)
+            reindexed = removed = 0
+            for key in candidates:
+                if key in known:
+                    continue
+                if self.reindex_blob(key):
+                    reindexed += 1
+                else:
+                    removed += 1
+            handled += reindexed + removed
+            entry.unlink(missing_ok=True)
+            log.warning(
+                "recovery: process %d (blob prefix %s) did not stop cleanly; %d of its blob files "
+                "checked in %.1f s: %d without an index row re-indexed, %d incomplete removed",
+                pid,
+                token,
+                len(candidates),
+                time.monotonic() - t0,
+                reindexed,
+                removed,
+            )
+        self._run_file = run_dir / f"{self.blobs.token}.json"
+        self._run_info = {"token": self.blobs.token, "pid": os.getpid(), "started": time.time()}
+        self._write_run_file(float(self._run_info["started"]))  # type: ignore[arg-type]
+        FileBlobStore.sync_dir(run_dir)
+        self.writer.on_durable.append(self._index_durable)
+        return handled
+
+    def _write_run_file(self, durable_through: float) -> None:
+        assert self._run_file is not None
+        tmp = self._run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self._run_info, "durable_through": durable_through}))
+        os.replace(tmp, self._run_file)
+
+    def _index_durable(self, through: float) -> None:
+        """Index commits before *through* are durable: recovery may start its scan there —
+        or earlier, at the oldest blob still being written (its row comes later)."""
+        oldest = self.blobs.oldest_open()
+        if oldest is not None:
+            through = min(through, oldest)
+        try:
+            self._write_run_file(through)
+        except OSError:
+            log.exception("could not update %s", self._run_file)
+
+    def reindex_blob(self, key: str) -> bool:
+        """Index an existing blob (recovery). False, and the blob is deleted, when it is not a
+        complete instance or the duplicate policy refuses it."""
+        path = self.blobs.path(key)
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except OSError:
+            mapped = None
+        if mapped is None:
+            self.blobs.delete(key)
+            return False
+        outcome: StoreOutcome | None = None
+        view = memoryview(mapped)
+        try:
+            meta, header = scan_part10(view)
+            record = build_record(header, meta.transfer_syntax)
+            outcome = self.index.store(record, key, size, None, self.policy).result()
+        except (DatasetFormatError, MissingElement) as exc:
+            log.warning("recovery: blob %s is not a complete instance (%s); removed", key, exc)
+        finally:
+            with contextlib.suppress(BufferError):
+                view.release()
+                mapped.close()
+        if outcome is None or outcome.kind in (CLASS_CONFLICT, IGNORED, REJECTED):
+            self.blobs.delete(key)
+            return False
+        for old in outcome.replaced_blob_keys:
+            self.blobs.delete(old)
+        log.info("recovery: re-indexed %s (blob %s)", record.sop_uid, key)
+        return True
+
+    def close(self, *, clean: bool = True) -> None:
+        self.writer.close()
+        self.engine.dispose()
+        if clean and self._run_file is not None:
+            self._run_file.unlink(missing_ok=True)
+            FileBlobStore.sync_dir(self._run_file.parent)
+
+    # ------------------------------------------------------------------ ingest
+    def begin(
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str | None,
+    ) -> IncomingInstance:
+        return IncomingInstance(self, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+
+    def finish(self, incoming: IncomingInstance, via: str = "C-STORE") -> StoreResult:
+        """Scan, validate, store and index a complete incoming data set."""
+        if incoming.error is not None:
+            return self._blob_failure(incoming.error, incoming.sop_instance_uid)
+        blob = incoming.blob
+        mapped: mmap.mmap | None = None
+        try:
+            if blob is None:
+                dataset: memoryview | bytearray = memoryview(incoming.buffer)
+            else:
+                fd = os.open(blob.path, os.O_RDONLY)
+                try:
+                    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if blob.size else None
+                finally:
+                    os.close(fd)
+                dataset = memoryview(mapped)[len(incoming.meta) :] if mapped else memoryview(b"")
+            result = self._file(
+                dataset,
+                transfer_syntax=incoming.transfer_syntax,
+                expected_class=incoming.sop_class_uid,
+                expected_instance=incoming.sop_instance_uid,
+                calling_ae=incoming.calling_ae,
+                via=via,
+                write_blob=(lambda: self._write_buffered(incoming))
+                if blob is None
+                else (lambda: blob),
+                drop_blob=incoming.discard,
+            )
+            del dataset
+            return result
+        finally:
+            if mapped is not None:
+                with contextlib.suppress(BufferError):
+                    mapped.close()
+
+    def _write_buffered(self, incoming: IncomingInstance) -> BlobWriter:
+        writer = self.blobs.write([incoming.meta, incoming.buffer])
+        incoming.buffer = bytearray()
+        return writer
+
+    def _file(
+        self,
+        dataset: memoryview | bytearray | mmap.mmap,
+        *,
+        transfer_syntax: str,
+        expected_class: str | None,
+        expected_instance: str | None,
+        calling_ae: str | None,
+        via: str,
+        write_blob: Callable[[], BlobWriter],
+        drop_blob: Callable[[], None],
+        header: ScannedHeader | None = None,
+    ) -> StoreResult:
+        sop_uid = expected_instance
+        try:
+            scanned = (
+                header if header is not None else scan_dataset(dataset, transfer_syntax, INDEX_TAGS)
+            )
+            record = build_record(scanned, transfer_syntax)
+        except DatasetFormatError as exc:
+            drop_blob()
+            return self._refuse(
+                st.STORE_CANNOT_UNDERSTAND,
+                f"Cannot parse data set: {exc}",
+                sop_uid,
+                calling_ae,
+                via,
+            )
+        except MissingElement as exc:
+            drop_blob()
+            return self._refuse(
+                st.STORE_REQUIRED_ELEMENT_MISSING,
+                f"Required DICOM element missing: {exc}",
+                sop_uid,
+                calling_ae,
+                via,
+            )
+        if expected_class and record.sop_class_uid != expected_class:
+            drop_blob()
+            return self._refuse(
+                st.STORE_SOP_CLASS_MISMATCH,
+                f"Data set SOP Class UID {record.sop_class_uid} does not match the request's "
+                f"{expected_class}",
+                sop_uid,
+                calling_ae,
+                via,
+            )
+        if expected_instance and record.sop_uid != expected_instance:
+            drop_blob()
+            return self._refuse(
+                st.STORE_REJECTED,
+                f"Reject: data set SOP Instance UID {record.sop_uid} does not match the request's "
+                f"{expected_instance}",
+                sop_uid,
+                calling_ae,
+                via,
+            )
+        sop_uid = record.sop_uid
+        if self.policy in ("ignore", "reject"):
+            early = self._duplicate_precheck(record.sop_uid, record.sop_class_uid)
+            if early is not None:
+                drop_blob()
+                return self._duplicate_result(
+                    early, record.sop_uid, record.study_uid, calling_ae, via
+                )
+
+        try:
+            blob = write_blob()
+        except OSError as exc:
+            drop_blob()
+            return self._blob_failure(exc, sop_uid)
+        size = blob.size
+        try:
+            blob.commit()  # fsync: from here on the instance survives a crash or power loss
+        except OSError as exc:
+            blob.abort()
+            return self._blob_failure(exc, sop_uid)
+        try:
+            outcome = self.index.store(record, blob.key, size, calling_ae, self.policy).result()
+        except Exception as exc:
+            blob.abort()
+            return self._index_failure(exc, sop_uid)
+        if outcome.kind in (CLASS_CONFLICT, IGNORED, REJECTED):
+            blob.abort()
+            return self._duplicate_result(
+                outcome, record.sop_uid, record.study_uid, calling_ae, via
+            )
+        for old in outcome.replaced_blob_keys:
+            self.blobs.delete(old)
+        log.info(
+            "stored %s %s (study %s, patient %r) from %s via %s, %d bytes%s",
+            record.series.get("modality") or "-",
+            record.sop_uid,
+            record.study_uid,
+            record.patient["patient_id"],
+            calling_ae or "-",
+            via,
+            size,
+            {REPLACED: ", replaced the earlier copy", KEPT_DUPLICATE: ", duplicate kept"}.get(
+                outcome.kind, ""
+            ),
+        )
+        return StoreResult(st.SUCCESS, None, outcome.kind, record.sop_uid, record.study_uid, size)
+
+    def _duplicate_precheck(self, sop_uid: str, sop_class_uid: str) -> StoreOutcome | None:
+        try:
+            rows = self.index.find_by_sop_uid(sop_uid)
+        except SQLAlchemyError:
+            return None  # the writer re-checks inside its transaction
+        if not rows:
+            return None
+        for row in rows:
+            if row.sop_class_uid != sop_class_uid:
+                return StoreOutcome(CLASS_CONFLICT, existing_class=row.sop_class_uid)
+        return StoreOutcome(IGNORED if self.policy == "ignore" else REJECTED)
+
+    def _duplicate_result(
+        self, outcome: StoreOutcome, sop_uid: str, study_uid: str, calling_ae: str | None, via: str
+    ) -> StoreResult:
+        kind = outcome.kind
+        if kind == CLASS_CONFLICT:
+            return self._refuse(
+                st.STORE_SOP_CLASS_CONFLICT,
+                f"Same SOP Instance with different SOP Class: {sop_uid} is stored as "
+                f"{outcome.existing_class}",
+                sop_uid,
+                calling_ae,
+                via,
+            )
+        if kind == REJECTED:
+            return self._refuse(
+                st.STORE_REJECTED,
+                f"Reject: SOP Instance {sop_uid} is already stored (duplicate_policy = reject)",
+                sop_uid,
+                calling_ae,
+                via,
+            )
+        log.info(
+            "duplicate %s from %s via %s ignored (duplicate_policy = ignore)",
+            sop_uid,
+            calling_ae or "-",
+            via,
+        )
+        return StoreResult(st.SUCCESS, None, IGNORED, sop_uid, study_uid, 0)
+
+    def _refuse(
+        self, status: Status, comment: str, sop_uid: str | None, calling_ae: str | None, via: str
+    ) -> StoreResult:
+        log.warning(
+            "refused %s from %s via %s: 0x%04X %s",
+            sop_uid or "-",
+            calling_ae or "-",
+            via,
+            status.code,
+            comment,
+        )
+        return StoreResult(status, comment, None, sop_uid)
+
+    def _blob_failure(self, exc: OSError, sop_uid: str | None) -> StoreResult:
+        reason = (
+            "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "I/O error"
+        )
+        comment = (
+            f"Out of resources: cannot write the instance to blob storage "
+            f"({reason}: {exc.strerror})"
+        )
+        log.error("storing %s failed: %s", sop_uid or "-", comment)
+        return StoreResult(st.STORE_OUT_OF_RESOURCES, comment, None, sop_uid)
+
+    def _index_failure(self, exc: Exception, sop_uid: str | None) -> StoreResult:
+        if isinstance(exc, OperationalError | db.IndexUnavailable):
+            comment = f"Out of resources: index unavailable ({_short(exc)})"
+            status = st.STORE_INDEX_UNAVAILABLE
+        else:
+            comment = f"Out of resources: index operation failed ({_short(exc)})"
+            status = st.STORE_INDEX_OPERATION_FAILED
+        log.error(
+            "indexing %s failed: %s",
+            sop_uid or "-",
+            comment,
+            exc_info=not isinstance(exc, SQLAlchemyError),
+        )
+        return StoreResult(status, comment, None, sop_uid)
+
+    # ------------------------------------------------------------------ import
+    def import_file(self, path: Path) -> StoreResult:
+        """Store one file through the same path as C-STORE; the blob is the file's bytes."""
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except OSError as exc:
+            return StoreResult(st.STORE_CANNOT_UNDERSTAND, f"cannot read {path}: {exc.strerror}")
+        if mapped is None:
+            return StoreResult(st.STORE_CANNOT_UNDERSTAND, "empty file")
+        view = memoryview(mapped)
+        try:
+            try:
+                meta, header = scan_part10(view)
+            except DatasetFormatError as exc:
+                return StoreResult(st.STORE_CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}")
+
+            def copy_blob() -> BlobWriter:
+                writer = self.blobs.create()
+                try:
+                    for start in range(0, size, 4 << 20):
+                        writer.write(view[start : start + (4 << 20)])
+                    return writer
+                except BaseException:
+                    writer.abort()
+                    raise
+
+            return self._file(
+                view[meta.dataset_offset :],
+                transfer_syntax=meta.transfer_syntax,
+                expected_class=meta.sop_class_uid,
+                expected_instance=meta.sop_instance_uid,
+                calling_ae=None,
+                via="import",
+                write_blob=copy_blob,
+                drop_blob=lambda: None,
+                header=header,
+            )
+        finally:
+            with contextlib.suppress(BufferError):
+                view.release()
+                mapped.close()
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether *pid* is a running openpacs process (a reused pid of another program is not)."""
+    if pid == os.getpid():
+        return False  # a previous process that had our pid
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return b"openpacs" in cmdline
+
+
+def _short(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0][:120] if text else type(exc).__name__

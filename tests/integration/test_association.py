@@ -1,0 +1,205 @@
+"""Association acceptance policy (seed 002 §3.2.9.4), timeouts and slot accounting, on the wire."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
+from support import require_tool, tool_env
+
+VERIFICATION = "1.2.840.10008.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def associate_rq(
+    called: str = "OPENPACS",
+    calling: str = "RAWSCU",
+    contexts: list[tuple[str, list[str]]] | None = None,
+    app_context: str = "1.2.840.10008.3.1.1.1",
+) -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = app_context
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    items = []
+    for i, (abstract, syntaxes) in enumerate(contexts or [(VERIFICATION, ["1.2.840.10008.1.2"])]):
+        cx = build_context(abstract, syntaxes)
+        cx.context_id = 2 * i + 1
+        items.append(cx)
+    primitive.presentation_context_definition_list = items
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def recv_pdu(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
+    sock.settimeout(timeout)
+    header = b""
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        if not chunk:
+            raise ConnectionError("closed")
+        header += chunk
+    pdu_type, length = struct.unpack(">BxI", header)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        if not chunk:
+            raise ConnectionError("closed mid-PDU")
+        body += chunk
+    return pdu_type, header + body
+
+
+def raw_associate(port: int, rq: bytes) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(rq)
+        return recv_pdu(sock)
+
+
+def rj_fields(raw: bytes) -> tuple[int, int, int]:
+    """(result, source, reason) of an A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
+    assert raw[0] == 0x03, f"expected A-ASSOCIATE-RJ, got PDU type {raw[0]:#x}"
+    return raw[7], raw[8], raw[9]
+
+
+def test_wrong_called_ae_rejected_permanently(server) -> None:
+    assert rj_fields(raw_associate(server.port, associate_rq(called="NOTME"))[1]) == (1, 1, 7)
+    assert "association rejected (called AE title not recognised)" in server.log()
+    assert "'RAWSCU'" in server.log() and "127.0.0.1:" in server.log()
+
+
+def test_wrong_called_ae_with_echoscu(server) -> None:
+    echoscu = require_tool("echoscu")
+    r = subprocess.run([echoscu, "-aec", "SOMEONE", "127.0.0.1", str(server.port)],
+                       capture_output=True, text=True, env=tool_env(), timeout=30)  # fmt: skip
+    assert r.returncode != 0
+    assert "Called AE Title Not Recognized" in r.stdout + r.stderr
+
+
+def test_unsupported_application_context(server) -> None:
+    raw = raw_associate(server.port, associate_rq(app_context="1.2.3.4"))[1]
+    assert rj_fields(raw) == (1, 1, 2)
+
+
+def test_unknown_calling_ae_rejected_when_required(make_server) -> None:
+    srv = make_server(
+        "[dicom]\nrequire_known_calling_ae = true\n"
+        '[[remote]]\nname = "ct"\nae_title = "KNOWNCT"\nhost = "127.0.0.1"\nport = 104\n'
+    )
+    assert rj_fields(raw_associate(srv.port, associate_rq(calling="STRANGER"))[1]) == (1, 1, 3)
+    assert "calling AE title not recognised" in srv.log() and "'STRANGER'" in srv.log()
+    pdu_type, _ = raw_associate(srv.port, associate_rq(calling="KNOWNCT"))
+    assert pdu_type == 0x02
+
+
+def test_association_limit_is_transient_and_frees_up(make_server) -> None:
+    srv = make_server("[dicom]\nmax_associations = 2\n")
+    ae = AE(ae_title="LIMITSCU")
+    ae.add_requested_context(VERIFICATION)
+    first = ae.associate("127.0.0.1", srv.port, ae_title="OPENPACS")
+    second = ae.associate("127.0.0.1", srv.port, ae_title="OPENPACS")
+    assert first.is_established and second.is_established
+    # the third gets A-ASSOCIATE-RJ: rejected-transient, service-provider (presentation), local limit
+    assert rj_fields(raw_associate(srv.port, associate_rq())[1]) == (2, 3, 2)
+    assert "local limit exceeded (max_associations = 2)" in srv.log()
+    first.release()
+    deadline = time.monotonic() + 5
+    while True:
+        pdu_type, _ = raw_associate(srv.port, associate_rq())
+        if pdu_type == 0x02 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert pdu_type == 0x02
+    second.release()
+
+
+def test_contexts_negotiated_per_seed_preferences(server) -> None:
+    """Several contexts for one abstract syntax are all accepted; the transfer syntax chosen is
+    the first of seed 002 T3.57 that was proposed; an unknown abstract syntax is refused."""
+    contexts = [
+        (CT, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]),  # implicit and explicit → explicit
+        (CT, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"]),  # → J2K lossless first in T3.57
+        (CT, ["1.2.840.10008.1.2.4.80"]),  # JPEG-LS: beyond the seed, accepted
+        ("1.2.3.4.5.6", ["1.2.840.10008.1.2"]),  # not a storage class
+        (CT, ["1.2.752.24.3.7.6"]),  # Sectra private syntax: not ours
+    ]
+    pdu_type, raw = raw_associate(server.port, associate_rq(contexts=contexts))
+    assert pdu_type == 0x02
+    ac = A_ASSOCIATE_AC()
+    ac.decode(raw)
+    results = {
+        cx.context_id: (cx.result, str(cx.transfer_syntax[0]) if cx.transfer_syntax else None)
+        for cx in ac.to_primitive().presentation_context_definition_results_list
+    }
+    assert results[1] == (0, "1.2.840.10008.1.2.1")
+    assert results[3] == (0, "1.2.840.10008.1.2.4.90")
+    assert results[5] == (0, "1.2.840.10008.1.2.4.80")
+    assert results[7][0] == 3  # abstract syntax not supported
+    assert results[9][0] == 4  # transfer syntaxes not supported
+
+
+def test_health_check_and_idle_connections_do_not_block(make_server) -> None:
+    srv = make_server("[dicom]\nartim_timeout = 1.0\nmax_associations = 1\n")
+    # a load-balancer health check: connect and close
+    for _ in range(20):
+        socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
+    # idle peers that never send A-ASSOCIATE-RQ
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(5)]
+    # the next modality still gets in, at once, even with max_associations = 1
+    assert raw_associate(srv.port, associate_rq())[0] == 0x02
+    # and the idle ones are closed after ARTIM
+    for sock in idle:
+        sock.settimeout(5)
+        start = time.monotonic()
+        assert sock.recv(1) == b""
+        assert time.monotonic() - start < 3
+        sock.close()
+    assert "sent no A-ASSOCIATE-RQ within ARTIM" in srv.log()
+
+
+def test_idle_association_is_aborted_after_network_timeout(make_server) -> None:
+    srv = make_server("[dicom]\nnetwork_timeout = 1.0\nmax_associations = 1\n")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(associate_rq())
+        assert recv_pdu(sock)[0] == 0x02
+        start = time.monotonic()
+        pdu_type, raw = recv_pdu(sock, timeout=10)  # silence: the SCP aborts
+        assert pdu_type == 0x07
+        assert time.monotonic() - start < 5
+    assert "network timeout" in srv.log()
+    # the slot is free again
+    assert raw_associate(srv.port, associate_rq())[0] == 0x02
+
+
+def test_pending_connection_bound(make_server) -> None:
+    srv = make_server("[dicom]\nmax_pending_connections = 3\nartim_timeout = 5\n")
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(3)]
+    time.sleep(0.3)
+    extra = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    extra.settimeout(3)
+    assert extra.recv(1) == b""  # closed at once, not after ARTIM
+    extra.close()
+    assert "max_pending_connections" in srv.log()
+    for sock in idle:
+        sock.close()
+
+
+@pytest.mark.parametrize("junk", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x04\x00\x00\x00\x00\x02\x00\x00"])
+def test_garbage_before_association_is_aborted(server, junk: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(junk)
+        sock.settimeout(5)
+        data = sock.recv(64)
+        assert data == b"" or data[0] == 0x07
+    assert raw_associate(server.port, associate_rq())[0] == 0x02

@@ -1,0 +1,297 @@
+"""Test support: the real server as a subprocess, external tools, DICOM generation, index reads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skip when missing, but fail under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install -y dcmtk dicom3tools)"
+        if CI:
+            pytest.fail(message + " — CI must run interoperability tests")
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tool_env() -> dict[str, str]:
+    """DCMTK tools are Nagle-bound without TCP_NODELAY=1."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+class ServerProcess:
+    """`openpacs serve` in a subprocess with its own data dir, config and free ports."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        config: str = "",
+        ae_title: str = "OPENPACS",
+        data_dir: Path | None = None,
+    ) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir or workdir / "data"
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.http_port = free_port()
+        self.hl7_port = free_port()
+        self.config_path = workdir / "openpacs.toml"
+        self.config_path.write_text(config, encoding="utf-8")
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.preexec: Any = None
+
+    def start(self, wait: bool = True) -> ServerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "openpacs",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--data-dir",
+                str(self.data_dir),
+                "--ae-title",
+                self.ae_title,
+                "--dicom-port",
+                str(self.port),
+                "--http-port",
+                str(self.http_port),
+                "--hl7-port",
+                str(self.hl7_port),
+                "--host",
+                "127.0.0.1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec,
+        )
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if "openpacs ready" in self.log():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def rss_peak_kb(self) -> int:
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
+
+    def run_cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "openpacs", *args, "--config", str(self.config_path),
+             "--data-dir", str(self.data_dir)],
+            capture_output=True, text=True, check=check, timeout=300,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, config: str = "", **kwargs: Any) -> Iterator[ServerProcess]:
+    server = ServerProcess(workdir, config, **kwargs).start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
+
+
+# ---------------------------------------------------------------------------- DICOM generation
+def make_image(
+    *,
+    sop_class: str = CT_IMAGE,
+    modality: str = "CT",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    patient_id: str = "PID-1",
+    patient_name: str = "Doe^John",
+    rows: int = 16,
+    columns: int = 16,
+    instance_number: int = 1,
+    seed: int = 0,
+    charset: str | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    **extra: Any,
+) -> Dataset:
+    """A small, complete-enough image instance with plausible pixel data and a file meta."""
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyDate = "20260115"
+    ds.StudyTime = "093012.123"
+    ds.AccessionNumber = "ACC0001"
+    ds.Modality = modality
+    ds.Manufacturer = "openpacs tests"
+    ds.ReferringPhysicianName = "Ref^Doctor"
+    ds.StudyDescription = "Test study"
+    ds.SeriesDescription = "Test series"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    rng = np.random.default_rng(seed)
+    pixels = (rng.integers(0, 4096, size=(rows, columns))).astype(np.uint16)
+    ds.PixelData = pixels.tobytes()
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta = meta
+    return ds
+
+
+def dataset_bytes_of_file(path: Path) -> bytes:
+    """The data set part of a Part 10 file (everything after the File Meta Information)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as fh:
+        read_preamble(fh, False)
+        _read_file_meta_info(fh)
+        return fh.read()
+
+
+# ---------------------------------------------------------------------------- index reads
+def index_rows(data_dir: Path, table: str, **where: Any) -> list[dict[str, Any]]:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{data_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        sql = f"SELECT * FROM {table}"
+        params: list[Any] = []
+        if where:
+            sql += " WHERE " + " AND ".join(f"{k} = ?" for k in where)
+            params = list(where.values())
+        return [dict(r) for r in conn.execute(sql + " ORDER BY pk", params)]
+    finally:
+        conn.close()
+
+
+def blob_path(data_dir: Path, key: str) -> Path:
+    return data_dir / "blobs" / f"{key}.dcm"
+
+
+def stored_instance_files(data_dir: Path, sop_uid: str) -> list[Path]:
+    return [
+        blob_path(data_dir, r["blob_key"])
+        for r in index_rows(data_dir, "instances", sop_uid=sop_uid)
+    ]
+
+
+# ---------------------------------------------------------------------------- pynetdicom SCU
+def store_datasets(
+    port: int,
+    datasets: Sequence[Dataset],
+    *,
+    called: str = "OPENPACS",
+    calling: str = "TESTSCU",
+) -> list[tuple[int, str | None]]:
+    """C-STORE each data set on one association; (status, error comment) per data set."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    seen: set[tuple[str, str]] = set()
+    for ds in datasets:
+        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        if key not in seen:
+            ae.add_requested_context(key[0], key[1])
+            seen.add(key)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association not established"
+    out: list[tuple[int, str | None]] = []
+    try:
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            assert rsp, "no C-STORE response (association aborted?)"
+            out.append((int(rsp.Status), rsp.get("ErrorComment")))
+    finally:
+        assoc.release()
+    return out

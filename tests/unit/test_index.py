@@ -1,0 +1,161 @@
+"""The index write path on both supported databases: SQLite (embedded) and PostgreSQL (real server)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from openpacs.dicom.header import INDEX_TAGS, scan_dataset
+from openpacs.index import db
+from openpacs.index.instances import (
+    CLASS_CONFLICT,
+    IGNORED,
+    KEPT_DUPLICATE,
+    REJECTED,
+    REPLACED,
+    STORED,
+    InstanceIndex,
+)
+from openpacs.index.schema import instances, patients, series, series_requests, studies
+from openpacs.services.records import build_record
+
+from support import CI, make_image
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1/postgres"
+
+
+def _pg_available() -> bool:
+    try:
+        engine = sa.create_engine(PG_ADMIN_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[InstanceIndex]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+        cleanup = None
+    else:
+        if not _pg_available():
+            if CI:
+                pytest.fail("PostgreSQL at 127.0.0.1:5432 is required in CI")
+            pytest.skip("PostgreSQL not reachable")
+        name = f"openpacs_test_{uuid.uuid4().hex[:12]}"
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        url = f"postgresql+psycopg://postgres@127.0.0.1/{name}"
+
+        def cleanup() -> None:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.dispose()
+
+    engine = db.make_engine(url)
+    db.create_schema(engine)
+    writer = db.IndexWriter(engine)
+    yield InstanceIndex(engine, writer)
+    writer.close()
+    engine.dispose()
+    if cleanup:
+        cleanup()
+
+
+def record_of(**kwargs: object):  # type: ignore[no-untyped-def]
+    ds = make_image(**kwargs)  # type: ignore[arg-type]
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    ts = "1.2.840.10008.1.2.1"
+    return build_record(scan_dataset(buf.getvalue(), ts, INDEX_TAGS), ts)
+
+
+def rows(index: InstanceIndex, table: sa.Table) -> list[sa.Row]:  # type: ignore[type-arg]
+    with index.engine.connect() as conn:
+        return list(conn.execute(sa.select(table).order_by(table.c.pk)))
+
+
+def store(index: InstanceIndex, rec: object, policy: str = "overwrite", key: str | None = None) -> object:
+    return index.store(rec, key or uuid.uuid4().hex, 100, "SCU", policy).result()  # type: ignore[arg-type]
+
+
+def test_levels_and_counts(index: InstanceIndex) -> None:
+    study, s1, s2 = "1.2.3.1", "1.2.3.1.1", "1.2.3.1.2"
+    for i in range(3):
+        assert store(index, record_of(study_uid=study, series_uid=s1, instance_number=i)).kind == STORED
+    out = store(index, record_of(study_uid=study, series_uid=s2, modality="MR", sop_class="1.2.840.10008.5.1.4.1.1.4"))
+    assert out.kind == STORED and out.new_series and not out.new_study
+    (st,) = rows(index, studies)
+    assert (st.num_series, st.num_instances, st.modalities) == (2, 4, "CT\\MR")
+    assert sorted(r.num_instances for r in rows(index, series)) == [1, 3]
+    (pt,) = rows(index, patients)
+    assert (pt.patient_id, pt.num_studies, pt.patient_name_norm) == ("PID-1", 1, "DOE^JOHN")
+
+
+def test_duplicate_policies(index: InstanceIndex) -> None:
+    rec = record_of(sop_uid="1.2.9.9")
+    first = store(index, rec, key="k1")
+    assert first.kind == STORED
+    assert store(index, rec, "ignore").kind == IGNORED
+    assert store(index, rec, "reject").kind == REJECTED
+    kept = store(index, rec, "keep", key="k2")
+    assert kept.kind == KEPT_DUPLICATE
+    assert len(index.find_by_sop_uid("1.2.9.9")) == 2
+    replaced = store(index, rec, "overwrite", key="k3")
+    assert replaced.kind == REPLACED and sorted(replaced.replaced_blob_keys) == ["k1", "k2"]
+    assert [r.blob_key for r in index.find_by_sop_uid("1.2.9.9")] == ["k3"]
+    (st,) = rows(index, studies)
+    assert st.num_instances == 1
+    other_class = record_of(sop_uid="1.2.9.9", sop_class="1.2.840.10008.5.1.4.1.1.7", modality="OT")
+    for policy in ("overwrite", "keep", "ignore", "reject"):
+        out = store(index, other_class, policy)
+        assert out.kind == CLASS_CONFLICT and out.existing_class == "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_overwrite_into_another_series_removes_empty_levels(index: InstanceIndex) -> None:
+    store(index, record_of(sop_uid="1.2.7", study_uid="1.2.7.1", series_uid="1.2.7.1.1", patient_id="A"))
+    moved = record_of(sop_uid="1.2.7", study_uid="1.2.8.1", series_uid="1.2.8.1.1", patient_id="B")
+    assert store(index, moved).kind == REPLACED
+    assert [r.study_uid for r in rows(index, studies)] == ["1.2.8.1"]
+    assert [r.series_uid for r in rows(index, series)] == ["1.2.8.1.1"]
+    assert [r.patient_id for r in rows(index, patients)] == ["B"]
+    # the writer's key caches must not point at the deleted rows
+    assert store(index, record_of(study_uid="1.2.7.1", series_uid="1.2.7.1.1", patient_id="A")).kind == STORED
+    assert len(rows(index, studies)) == 2
+
+
+def test_request_attributes_indexed(index: InstanceIndex) -> None:
+    from pydicom import Dataset
+
+    item = Dataset()
+    item.RequestedProcedureID = "RP1"
+    item.ScheduledProcedureStepID = "SPS1"
+    item.AccessionNumber = "A77"
+    store(index, record_of(RequestAttributesSequence=[item]))
+    (req,) = rows(index, series_requests)
+    assert (req.requested_procedure_id, req.scheduled_procedure_step_id, req.accession_number) == (
+        "RP1", "SPS1", "A77",
+    )  # fmt: skip
+
+
+def test_failing_operation_does_not_fail_its_batch(index: InstanceIndex) -> None:
+    def boom(conn: sa.Connection) -> None:
+        raise RuntimeError("boom")
+
+    futures = [index.writer.submit(boom)]
+    futures += [index.store(record_of(), uuid.uuid4().hex, 1, None, "overwrite") for _ in range(5)]
+    with pytest.raises(RuntimeError):
+        futures[0].result()
+    assert all(f.result().kind == STORED for f in futures[1:])
+    assert len(rows(index, instances)) == 5
