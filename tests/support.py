@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -73,8 +74,10 @@ class ServerProcess:
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.preexec: Any = None
+        self._log_offset = 0
 
     def start(self, wait: bool = True) -> ServerProcess:
+        self._log_offset = len(self.log())
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
             [
@@ -112,7 +115,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            if "openpacs ready" in self.log():
+            if "openpacs ready" in self.log()[self._log_offset :]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
@@ -295,3 +298,162 @@ def store_datasets(
     finally:
         assoc.release()
     return out
+
+
+def shipped(name: str) -> Path:
+    """A test file shipped inside the pydicom package (never downloaded)."""
+    import pydicom
+
+    base = Path(pydicom.__file__).parent / "data"
+    for sub in ("test_files", "charset_files"):
+        path = base / sub / name
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{name} is not shipped with pydicom {pydicom.__version__}")
+
+
+# ---------------------------------------------------------------------------- raw DIMSE peer
+VERIFICATION_UID = "1.2.840.10008.1.1"
+
+
+def associate_rq(
+    called: str = "OPENPACS",
+    calling: str = "RAWSCU",
+    contexts: Sequence[tuple[str, Sequence[str]]] | None = None,
+    app_context: str = "1.2.840.10008.3.1.1.1",
+    max_pdu: int = 16384,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU encoded by pynetdicom (an independent encoder)."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = app_context
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    items = []
+    for i, (abstract, syntaxes) in enumerate(
+        contexts or [(VERIFICATION_UID, ["1.2.840.10008.1.2"])]
+    ):
+        cx = build_context(abstract, list(syntaxes))
+        cx.context_id = 2 * i + 1
+        items.append(cx)
+    primitive.presentation_context_definition_list = items
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    primitive.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def recv_pdu(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
+    import struct
+
+    sock.settimeout(timeout)
+
+    def exact(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("connection closed")
+            out += chunk
+        return out
+
+    header = exact(6)
+    pdu_type, length = struct.unpack(">BxI", header)
+    return pdu_type, header + exact(length)
+
+
+class RawScu:
+    """A DIMSE peer built from pynetdicom's encoders that can send what a correct SCU would not:
+    a command that disagrees with its data set, undecodable data sets, arbitrary PDUs."""
+
+    def __init__(
+        self, port: int, contexts: Sequence[tuple[str, Sequence[str]]], called: str = "OPENPACS"
+    ) -> None:
+        from pynetdicom.pdu import A_ASSOCIATE_AC
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(associate_rq(called=called, contexts=contexts))
+        pdu_type, raw = recv_pdu(self.sock)
+        if pdu_type != 0x02:
+            raise ConnectionError(f"association not accepted (PDU type {pdu_type:#x})")
+        ac = A_ASSOCIATE_AC()
+        ac.decode(raw)
+        self.accepted = {
+            cx.context_id: str(cx.transfer_syntax[0])
+            for cx in ac.to_primitive().presentation_context_definition_results_list
+            if cx.result == 0
+        }
+        self.message_id = 0
+
+    def send_store(
+        self,
+        context_id: int,
+        sop_class: str,
+        sop_instance: str,
+        dataset: bytes,
+        max_pdu: int = 16384,
+    ) -> None:
+        from pynetdicom.dimse_messages import C_STORE_RQ
+        from pynetdicom.dimse_primitives import C_STORE
+        from pynetdicom.pdu import P_DATA_TF
+
+        self.message_id += 1
+        primitive = C_STORE()
+        primitive.MessageID = self.message_id
+        primitive.AffectedSOPClassUID = sop_class
+        primitive.AffectedSOPInstanceUID = sop_instance
+        primitive.Priority = 2
+        primitive.DataSet = io.BytesIO(dataset)
+        message = C_STORE_RQ()
+        message.primitive_to_message(primitive)
+        for p_data in message.encode_msg(context_id, max_pdu):
+            pdu = P_DATA_TF()
+            pdu.from_primitive(p_data)
+            self.sock.sendall(pdu.encode())
+
+    def read_response(self, timeout: float = 30.0) -> Dataset:
+        from pydicom.filereader import read_dataset
+
+        data = b""
+        while True:
+            pdu_type, raw = recv_pdu(self.sock, timeout)
+            if pdu_type != 0x04:
+                raise ConnectionError(f"expected P-DATA-TF, got PDU type {pdu_type:#x}")
+            pos = 6
+            last = False
+            while pos < len(raw):
+                length = int.from_bytes(raw[pos : pos + 4], "big")
+                control = raw[pos + 5]
+                data += raw[pos + 6 : pos + 4 + length]
+                last = bool(control & 0x02)
+                pos += 4 + length
+            if last:
+                return read_dataset(io.BytesIO(data), True, True)
+
+    def store(self, context_id: int, sop_class: str, sop_instance: str, dataset: bytes) -> Dataset:
+        self.send_store(context_id, sop_class, sop_instance, dataset)
+        return self.read_response()
+
+    def release(self) -> None:
+        self.sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        with contextlib.suppress(OSError, ConnectionError):
+            recv_pdu(self.sock, 5)
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def encode_dataset(ds: Dataset, implicit: bool = False, little: bool = True) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = little, implicit
+    write_dataset(buf, ds)
+    return buf.getvalue()

@@ -3,62 +3,16 @@
 from __future__ import annotations
 
 import socket
-import struct
 import subprocess
 import time
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
-
-from support import require_tool, tool_env
+from pynetdicom.pdu import A_ASSOCIATE_AC
+from support import associate_rq, recv_pdu, require_tool, tool_env
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def associate_rq(
-    called: str = "OPENPACS",
-    calling: str = "RAWSCU",
-    contexts: list[tuple[str, list[str]]] | None = None,
-    app_context: str = "1.2.840.10008.3.1.1.1",
-) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = app_context
-    primitive.calling_ae_title = calling
-    primitive.called_ae_title = called
-    items = []
-    for i, (abstract, syntaxes) in enumerate(contexts or [(VERIFICATION, ["1.2.840.10008.1.2"])]):
-        cx = build_context(abstract, syntaxes)
-        cx.context_id = 2 * i + 1
-        items.append(cx)
-    primitive.presentation_context_definition_list = items
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    primitive.user_information = [max_length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
-
-
-def recv_pdu(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
-    sock.settimeout(timeout)
-    header = b""
-    while len(header) < 6:
-        chunk = sock.recv(6 - len(header))
-        if not chunk:
-            raise ConnectionError("closed")
-        header += chunk
-    pdu_type, length = struct.unpack(">BxI", header)
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        if not chunk:
-            raise ConnectionError("closed mid-PDU")
-        body += chunk
-    return pdu_type, header + body
 
 
 def raw_associate(port: int, rq: bytes) -> tuple[int, bytes]:
@@ -174,7 +128,7 @@ def test_idle_association_is_aborted_after_network_timeout(make_server) -> None:
         sock.sendall(associate_rq())
         assert recv_pdu(sock)[0] == 0x02
         start = time.monotonic()
-        pdu_type, raw = recv_pdu(sock, timeout=10)  # silence: the SCP aborts
+        pdu_type, _ = recv_pdu(sock, timeout=10)  # silence: the SCP aborts
         assert pdu_type == 0x07
         assert time.monotonic() - start < 5
     assert "network timeout" in srv.log()
@@ -195,7 +149,9 @@ def test_pending_connection_bound(make_server) -> None:
         sock.close()
 
 
-@pytest.mark.parametrize("junk", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x04\x00\x00\x00\x00\x02\x00\x00"])
+@pytest.mark.parametrize(
+    "junk", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x04\x00\x00\x00\x00\x02\x00\x00"]
+)
 def test_garbage_before_association_is_aborted(server, junk: bytes) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(junk)

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from support import CI, make_image
 
 from openpacs.dicom.header import INDEX_TAGS, scan_dataset
 from openpacs.index import db
@@ -24,8 +25,6 @@ from openpacs.index.instances import (
 )
 from openpacs.index.schema import instances, patients, series, series_requests, studies
 from openpacs.services.records import build_record
-
-from support import CI, make_image
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1/postgres"
 

@@ -5,11 +5,10 @@ import io
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from support import make_image
 
 from openpacs.dicom.part10 import encode_file_meta
 from openpacs.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-
-from support import make_image
 
 
 def test_file_meta_reads_back_with_pydicom() -> None:

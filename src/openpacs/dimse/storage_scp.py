@@ -57,14 +57,12 @@ class StorageService:
         sop_instance = command.get(cmd.AFFECTED_SOP_INSTANCE_UID) or ""
         if sop_class != context.abstract_syntax:
             return _Refused(
-                st.SOP_CLASS_NOT_SUPPORTED,
-                f"Affected SOP Class {sop_class or '(none)'} is not the presentation context's "
-                f"{context.abstract_syntax}",
+                st.SOP_CLASS_NOT_SUPPORTED, "Affected SOP Class is not the context's abstract syntax"
             )
         if not sop_instance:
             return _Refused(
                 st.STORE_REQUIRED_ELEMENT_MISSING,
-                "Required DICOM element missing: Affected SOP Instance UID (0000,1000)",
+                "Missing Affected SOP Instance UID (0000,1000)",
             )
         return self.archive.begin(
             sop_class, sop_instance, context.transfer_syntax, assoc.calling_ae

@@ -63,6 +63,7 @@ class StoreResult:
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
     size: int = 0
+    detail: str | None = None  # the full reason, for logs and the import summary
 
     @property
     def ok(self) -> bool:
@@ -326,40 +327,28 @@ class Archive:
         except DatasetFormatError as exc:
             drop_blob()
             return self._refuse(
-                st.STORE_CANNOT_UNDERSTAND,
-                f"Cannot parse data set: {exc}",
-                sop_uid,
-                calling_ae,
-                via,
+                st.STORE_CANNOT_UNDERSTAND, "Cannot parse the data set", sop_uid, calling_ae, via,
+                detail=str(exc),
             )
         except MissingElement as exc:
             drop_blob()
             return self._refuse(
-                st.STORE_REQUIRED_ELEMENT_MISSING,
-                f"Required DICOM element missing: {exc}",
-                sop_uid,
-                calling_ae,
-                via,
+                st.STORE_REQUIRED_ELEMENT_MISSING, f"Missing {exc.names}", sop_uid, calling_ae, via,
+                detail=str(exc),
             )
         if expected_class and record.sop_class_uid != expected_class:
             drop_blob()
             return self._refuse(
-                st.STORE_SOP_CLASS_MISMATCH,
-                f"Data set SOP Class UID {record.sop_class_uid} does not match the request's "
-                f"{expected_class}",
-                sop_uid,
-                calling_ae,
-                via,
+                st.STORE_SOP_CLASS_MISMATCH, "SOP Class UID in data set does not match request",
+                sop_uid, calling_ae, via,
+                detail=f"data set {record.sop_class_uid}, request {expected_class}",
             )
         if expected_instance and record.sop_uid != expected_instance:
             drop_blob()
             return self._refuse(
-                st.STORE_REJECTED,
-                f"Reject: data set SOP Instance UID {record.sop_uid} does not match the request's "
-                f"{expected_instance}",
-                sop_uid,
-                calling_ae,
-                via,
+                st.STORE_REJECTED, "Reject: SOP Instance UID in data set does not match request",
+                sop_uid, calling_ae, via,
+                detail=f"data set {record.sop_uid}, request {expected_instance}",
             )
         sop_uid = record.sop_uid
         if self.policy in ("ignore", "reject"):
@@ -426,20 +415,13 @@ class Archive:
         kind = outcome.kind
         if kind == CLASS_CONFLICT:
             return self._refuse(
-                st.STORE_SOP_CLASS_CONFLICT,
-                f"Same SOP Instance with different SOP Class: {sop_uid} is stored as "
-                f"{outcome.existing_class}",
-                sop_uid,
-                calling_ae,
-                via,
+                st.STORE_SOP_CLASS_CONFLICT, "Same SOP Instance with different SOP Class",
+                sop_uid, calling_ae, via, detail=f"stored as {outcome.existing_class}",
             )
         if kind == REJECTED:
             return self._refuse(
-                st.STORE_REJECTED,
-                f"Reject: SOP Instance {sop_uid} is already stored (duplicate_policy = reject)",
-                sop_uid,
-                calling_ae,
-                via,
+                st.STORE_REJECTED, "Reject: already stored (duplicate_policy = reject)",
+                sop_uid, calling_ae, via,
             )
         log.info(
             "duplicate %s from %s via %s ignored (duplicate_policy = ignore)",
@@ -450,43 +432,42 @@ class Archive:
         return StoreResult(st.SUCCESS, None, IGNORED, sop_uid, study_uid, 0)
 
     def _refuse(
-        self, status: Status, comment: str, sop_uid: str | None, calling_ae: str | None, via: str
+        self,
+        status: Status,
+        comment: str,
+        sop_uid: str | None,
+        calling_ae: str | None,
+        via: str,
+        *,
+        detail: str | None = None,
     ) -> StoreResult:
+        """A refusal: *comment* goes to the peer (Error Comment is LO: at most 64 characters),
+        *detail* only to the log."""
         log.warning(
-            "refused %s from %s via %s: 0x%04X %s",
-            sop_uid or "-",
-            calling_ae or "-",
-            via,
-            status.code,
-            comment,
-        )
-        return StoreResult(status, comment, None, sop_uid)
+            "refused %s from %s via %s: 0x%04X %s%s",
+            sop_uid or "-", calling_ae or "-", via, status.code, comment,
+            f" ({detail})" if detail else "",
+        )  # fmt: skip
+        return StoreResult(status, comment[:64], None, sop_uid, detail=detail)
 
     def _blob_failure(self, exc: OSError, sop_uid: str | None) -> StoreResult:
         reason = (
             "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "I/O error"
         )
-        comment = (
-            f"Out of resources: cannot write the instance to blob storage "
-            f"({reason}: {exc.strerror})"
-        )
-        log.error("storing %s failed: %s", sop_uid or "-", comment)
-        return StoreResult(st.STORE_OUT_OF_RESOURCES, comment, None, sop_uid)
+        comment = f"Out of resources: cannot write blob ({reason})"
+        log.error("storing %s failed: %s: %s", sop_uid or "-", comment, exc)
+        return StoreResult(st.STORE_OUT_OF_RESOURCES, comment, None, sop_uid, detail=str(exc))
 
     def _index_failure(self, exc: Exception, sop_uid: str | None) -> StoreResult:
         if isinstance(exc, OperationalError | db.IndexUnavailable):
-            comment = f"Out of resources: index unavailable ({_short(exc)})"
-            status = st.STORE_INDEX_UNAVAILABLE
+            comment, status = "Out of resources: index unavailable", st.STORE_INDEX_UNAVAILABLE
         else:
-            comment = f"Out of resources: index operation failed ({_short(exc)})"
-            status = st.STORE_INDEX_OPERATION_FAILED
+            comment, status = "Out of resources: index operation failed", st.STORE_INDEX_OPERATION_FAILED
         log.error(
-            "indexing %s failed: %s",
-            sop_uid or "-",
-            comment,
+            "indexing %s failed: %s: %s", sop_uid or "-", comment, _short(exc),
             exc_info=not isinstance(exc, SQLAlchemyError),
-        )
-        return StoreResult(status, comment, None, sop_uid)
+        )  # fmt: skip
+        return StoreResult(status, comment, None, sop_uid, detail=_short(exc))
 
     # ------------------------------------------------------------------ import
     def import_file(self, path: Path) -> StoreResult:

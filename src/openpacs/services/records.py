@@ -113,6 +113,10 @@ INSTANCE_ATTRS = _tags(
 class MissingElement(ValueError):
     """A required identifying attribute is absent or empty (seed 002 T3.58 C00B)."""
 
+    def __init__(self, names: list[str], why: str = "missing") -> None:
+        self.names = ", ".join(names)
+        super().__init__(f"required DICOM element {why}: {self.names}")
+
 
 _DATE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _TIME = re.compile(r"^(\d{2})(?::?(\d{2}))?(?::?(\d{2}))?(?:\.\d*)?$")
@@ -224,12 +228,12 @@ def build_record(header: ScannedHeader, transfer_syntax: str) -> InstanceRecord:
         if not text(T[name])
     ]
     if missing:
-        raise MissingElement("required DICOM element missing: " + ", ".join(missing))
+        raise MissingElement(missing)
     study_uid = text(T["StudyInstanceUID"]) or ""
     series_uid = text(T["SeriesInstanceUID"]) or ""
     for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
         if len(uid) > 64:
-            raise MissingElement(f"{name} is longer than 64 characters")
+            raise MissingElement([name], "longer than 64 characters")
 
     charset = "\\".join(header.charset()) if header.has(T["SpecificCharacterSet"]) else None
     patient_name = text(T["PatientName"]) or ""
