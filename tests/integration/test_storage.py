@@ -8,7 +8,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-
 from support import (
     CT_IMAGE,
     MR_IMAGE,

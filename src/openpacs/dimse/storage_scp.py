@@ -57,7 +57,8 @@ class StorageService:
         sop_instance = command.get(cmd.AFFECTED_SOP_INSTANCE_UID) or ""
         if sop_class != context.abstract_syntax:
             return _Refused(
-                st.SOP_CLASS_NOT_SUPPORTED, "Affected SOP Class is not the context's abstract syntax"
+                st.SOP_CLASS_NOT_SUPPORTED,
+                "Affected SOP Class is not the context's abstract syntax",
             )
         if not sop_instance:
             return _Refused(

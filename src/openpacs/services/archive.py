@@ -462,7 +462,8 @@ class Archive:
         if isinstance(exc, OperationalError | db.IndexUnavailable):
             comment, status = "Out of resources: index unavailable", st.STORE_INDEX_UNAVAILABLE
         else:
-            comment, status = "Out of resources: index operation failed", st.STORE_INDEX_OPERATION_FAILED
+            comment = "Out of resources: index operation failed"
+            status = st.STORE_INDEX_OPERATION_FAILED
         log.error(
             "indexing %s failed: %s: %s", sop_uid or "-", comment, _short(exc),
             exc_info=not isinstance(exc, SQLAlchemyError),
