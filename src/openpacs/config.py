@@ -131,6 +131,8 @@ class StorageConfig:
 class IndexConfig:
     # SQLAlchemy URL. Empty: SQLite in <data_dir>/index.sqlite (WAL).
     url: str = ""
+    # How long a write waits for a locked index before the operation fails (A704 for C-STORE).
+    busy_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -291,7 +293,7 @@ def parse_config(
     """Validate a parsed TOML document into a :class:`Config`."""
     _check_keys(raw, {"dicom", "storage", "index", "http", "hl7", "logging", "remote"}, "config")
     index_raw = _section(raw, "index")
-    _check_keys(index_raw, {"url"}, "index")
+    _check_keys(index_raw, {"url", "busy_timeout"}, "index")
     http_raw = _section(raw, "http")
     _check_keys(http_raw, {"host", "port"}, "http")
     hl7_raw = _section(raw, "hl7")
@@ -304,7 +306,12 @@ def parse_config(
     return Config(
         dicom=_dicom(_section(raw, "dicom")),
         storage=_storage(_section(raw, "storage"), base),
-        index=IndexConfig(url=_str(index_raw.get("url", ""), "index.url")),
+        index=IndexConfig(
+            url=_str(index_raw.get("url", ""), "index.url"),
+            busy_timeout=_positive_number(
+                index_raw.get("busy_timeout", IndexConfig.busy_timeout), "index.busy_timeout"
+            ),
+        ),
         http=HttpConfig(
             host=_host(http_raw.get("host", HttpConfig.host), "http.host"),
             port=_port(http_raw.get("port", HttpConfig.port), "http.port"),

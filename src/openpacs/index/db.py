@@ -49,11 +49,11 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, *, pool_size: int = 8) -> Engine:
+def make_engine(url: str, *, busy_timeout: float = 10.0, pool_size: int = 8) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
-            connect_args={"timeout": 10.0, "check_same_thread": False},
+            connect_args={"timeout": busy_timeout, "check_same_thread": False},
             pool_size=pool_size,
             max_overflow=32,
         )
@@ -67,7 +67,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=10000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -76,7 +76,16 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
 
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_size=pool_size, max_overflow=32, pool_pre_ping=True)
+        return create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=32,
+            pool_pre_ping=True,
+            connect_args={
+                "connect_timeout": max(1, int(busy_timeout)),
+                "options": f"-c lock_timeout={int(busy_timeout * 1000)}",
+            },
+        )
     return create_engine(url, poolclass=NullPool)
 
 

@@ -136,7 +136,9 @@ class Archive:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self.blobs = FileBlobStore(data_dir / "blobs", fsync=config.storage.fsync)
-        self.engine = engine or db.make_engine(config.index_url)
+        self.engine = engine or db.make_engine(
+            config.index_url, busy_timeout=config.index.busy_timeout
+        )
         db.create_schema(self.engine)
         self.writer = db.IndexWriter(self.engine)
         self.index = InstanceIndex(self.engine, self.writer)
@@ -327,27 +329,41 @@ class Archive:
         except DatasetFormatError as exc:
             drop_blob()
             return self._refuse(
-                st.STORE_CANNOT_UNDERSTAND, "Cannot parse the data set", sop_uid, calling_ae, via,
+                st.STORE_CANNOT_UNDERSTAND,
+                "Cannot parse the data set",
+                sop_uid,
+                calling_ae,
+                via,
                 detail=str(exc),
             )
         except MissingElement as exc:
             drop_blob()
             return self._refuse(
-                st.STORE_REQUIRED_ELEMENT_MISSING, f"Missing {exc.names}", sop_uid, calling_ae, via,
+                st.STORE_REQUIRED_ELEMENT_MISSING,
+                f"Missing {exc.names}",
+                sop_uid,
+                calling_ae,
+                via,
                 detail=str(exc),
             )
         if expected_class and record.sop_class_uid != expected_class:
             drop_blob()
             return self._refuse(
-                st.STORE_SOP_CLASS_MISMATCH, "SOP Class UID in data set does not match request",
-                sop_uid, calling_ae, via,
+                st.STORE_SOP_CLASS_MISMATCH,
+                "SOP Class UID in data set does not match request",
+                sop_uid,
+                calling_ae,
+                via,
                 detail=f"data set {record.sop_class_uid}, request {expected_class}",
             )
         if expected_instance and record.sop_uid != expected_instance:
             drop_blob()
             return self._refuse(
-                st.STORE_REJECTED, "Reject: SOP Instance UID in data set does not match request",
-                sop_uid, calling_ae, via,
+                st.STORE_REJECTED,
+                "Reject: SOP Instance UID in data set does not match request",
+                sop_uid,
+                calling_ae,
+                via,
                 detail=f"data set {record.sop_uid}, request {expected_instance}",
             )
         sop_uid = record.sop_uid
@@ -415,13 +431,20 @@ class Archive:
         kind = outcome.kind
         if kind == CLASS_CONFLICT:
             return self._refuse(
-                st.STORE_SOP_CLASS_CONFLICT, "Same SOP Instance with different SOP Class",
-                sop_uid, calling_ae, via, detail=f"stored as {outcome.existing_class}",
+                st.STORE_SOP_CLASS_CONFLICT,
+                "Same SOP Instance with different SOP Class",
+                sop_uid,
+                calling_ae,
+                via,
+                detail=f"stored as {outcome.existing_class}",
             )
         if kind == REJECTED:
             return self._refuse(
-                st.STORE_REJECTED, "Reject: already stored (duplicate_policy = reject)",
-                sop_uid, calling_ae, via,
+                st.STORE_REJECTED,
+                "Reject: already stored (duplicate_policy = reject)",
+                sop_uid,
+                calling_ae,
+                via,
             )
         log.info(
             "duplicate %s from %s via %s ignored (duplicate_policy = ignore)",
