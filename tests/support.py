@@ -457,3 +457,25 @@ def encode_dataset(ds: Dataset, implicit: bool = False, little: bool = True) -> 
     buf.is_little_endian, buf.is_implicit_VR = little, implicit
     write_dataset(buf, ds)
     return buf.getvalue()
+
+
+def store_pdus(ds: Dataset, context_id: int = 1) -> list[bytes]:
+    """The P-DATA-TF PDUs of one C-STORE-RQ, encoded by pynetdicom."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    primitive = C_STORE()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = ds.SOPClassUID
+    primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    primitive.Priority = 2
+    primitive.DataSet = io.BytesIO(encode_dataset(ds))
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    out = []
+    for p_data in message.encode_msg(context_id, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(p_data)
+        out.append(pdu.encode())
+    return out

@@ -23,6 +23,12 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # pynetdicom and pydicom only decode for us; a peer's malformed PDU or value is reported
+    # once by our own code (with the peer's address and AE title), not as their tracebacks.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 def _config_from(args: argparse.Namespace) -> Config:

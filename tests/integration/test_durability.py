@@ -22,10 +22,10 @@ from support import (
     RawScu,
     ServerProcess,
     blob_path,
-    encode_dataset,
     index_rows,
     make_image,
     store_datasets,
+    store_pdus,
     stored_instance_files,
 )
 
@@ -48,30 +48,6 @@ def _check_consistent(data_dir: Path) -> list[dict]:
         _ = ds.PixelData
     assert _all_blob_files(data_dir) == files
     return rows
-
-
-def _store_pdus(ds: pydicom.Dataset, context_id: int = 1) -> list[bytes]:
-    """The P-DATA-TF PDUs of one C-STORE-RQ, encoded by pynetdicom."""
-    import io
-
-    from pynetdicom.dimse_messages import C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.pdu import P_DATA_TF
-
-    primitive = C_STORE()
-    primitive.MessageID = 1
-    primitive.AffectedSOPClassUID = ds.SOPClassUID
-    primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    primitive.Priority = 2
-    primitive.DataSet = io.BytesIO(encode_dataset(ds))
-    message = C_STORE_RQ()
-    message.primitive_to_message(primitive)
-    out = []
-    for p_data in message.encode_msg(context_id, 16384):
-        pdu = P_DATA_TF()
-        pdu.from_primitive(p_data)
-        out.append(pdu.encode())
-    return out
 
 
 def _sender(port: int, acked: list[str], stop: threading.Event, rows: int, tag: int) -> None:
@@ -115,7 +91,7 @@ def test_kill_9_during_multi_association_ingest(make_server) -> None:
         time.sleep(0.05)
     # and one 20 MB instance half-way through its transfer (it is being spooled to its blob)
     stalled = RawScu(srv.port, [(CT_IMAGE, [EXPLICIT])])
-    pdus = _store_pdus(make_image(rows=3200, columns=3200, seed=99))
+    pdus = store_pdus(make_image(rows=3200, columns=3200, seed=99))
     for raw in pdus[: len(pdus) // 2]:
         stalled.sock.sendall(raw)
     time.sleep(0.5)
@@ -243,7 +219,7 @@ def test_sigterm_finishes_the_instance_in_flight(make_server) -> None:
     ds = make_image(rows=512, columns=512)
     scu = RawScu(srv.port, [(CT_IMAGE, [EXPLICIT])])
     # send the command and the first half of the data set, then SIGTERM the server
-    pdus = _store_pdus(ds)
+    pdus = store_pdus(ds)
     half = len(pdus) // 2
     for raw in pdus[:half]:
         scu.sock.sendall(raw)
