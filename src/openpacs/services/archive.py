@@ -35,6 +35,10 @@ from openpacs.dicom.header import (
     scan_part10,
 )
 from openpacs.dicom.part10 import encode_file_meta
+from openpacs.dicom.transfer_syntaxes import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
 from openpacs.dimse import status as st
 from openpacs.dimse.status import Status
 from openpacs.index import db
@@ -47,6 +51,7 @@ from openpacs.index.instances import (
     InstanceIndex,
     StoreOutcome,
 )
+from openpacs.services import records
 from openpacs.services.records import MissingElement, build_record
 
 log = logging.getLogger(__name__)
@@ -495,25 +500,42 @@ class Archive:
 
     # ------------------------------------------------------------------ import
     def import_file(self, path: Path) -> StoreResult:
-        """Store one file through the same path as C-STORE; the blob is the file's bytes."""
+        """Store one file through the same path as C-STORE. The blob is the file's bytes; a bare
+        data set without File Meta Information (older files) gets our meta in front of it."""
         try:
             size = path.stat().st_size
             with open(path, "rb") as fh:
                 mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except OSError as exc:
-            return StoreResult(st.STORE_CANNOT_UNDERSTAND, f"cannot read {path}: {exc.strerror}")
+            return StoreResult(st.STORE_CANNOT_UNDERSTAND, "Cannot read the file", detail=str(exc))
         if mapped is None:
-            return StoreResult(st.STORE_CANNOT_UNDERSTAND, "empty file")
+            return StoreResult(st.STORE_CANNOT_UNDERSTAND, "Empty file")
         view = memoryview(mapped)
         try:
+            prefix = b""
             try:
                 meta, header = scan_part10(view)
+                transfer_syntax, offset = meta.transfer_syntax, meta.dataset_offset
+                expected_class, expected_instance = meta.sop_class_uid, meta.sop_instance_uid
             except DatasetFormatError as exc:
-                return StoreResult(st.STORE_CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}")
+                bare = _scan_bare_dataset(view)
+                if bare is None:
+                    return StoreResult(
+                        st.STORE_CANNOT_UNDERSTAND, "Not a DICOM file", detail=str(exc)
+                    )
+                transfer_syntax, header = bare
+                offset = 0
+                expected_class = expected_instance = None
+                prefix = encode_file_meta(
+                    header.text(records.T["SOPClassUID"]) or "",
+                    header.text(records.T["SOPInstanceUID"]) or "",
+                    transfer_syntax,
+                )
 
             def copy_blob() -> BlobWriter:
                 writer = self.blobs.create()
                 try:
+                    writer.write(prefix)
                     for start in range(0, size, 4 << 20):
                         writer.write(view[start : start + (4 << 20)])
                     return writer
@@ -522,10 +544,10 @@ class Archive:
                     raise
 
             return self._file(
-                view[meta.dataset_offset :],
-                transfer_syntax=meta.transfer_syntax,
-                expected_class=meta.sop_class_uid,
-                expected_instance=meta.sop_instance_uid,
+                view[offset:],
+                transfer_syntax=transfer_syntax,
+                expected_class=expected_class,
+                expected_instance=expected_instance,
                 calling_ae=None,
                 via="import",
                 write_blob=copy_blob,
@@ -536,6 +558,19 @@ class Archive:
             with contextlib.suppress(BufferError):
                 view.release()
                 mapped.close()
+
+
+def _scan_bare_dataset(view: memoryview) -> tuple[str, ScannedHeader] | None:
+    """A data set stored without preamble and File Meta (ACR-NEMA style files): try Explicit,
+    then Implicit VR Little Endian; accept it only if it walks cleanly and names its instance."""
+    for transfer_syntax in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN):
+        try:
+            header = scan_dataset(view, transfer_syntax, INDEX_TAGS)
+        except DatasetFormatError:
+            continue
+        if header.text(records.T["SOPInstanceUID"]) and header.text(records.T["SOPClassUID"]):
+            return transfer_syntax, header
+    return None
 
 
 def _process_alive(pid: int) -> bool:
