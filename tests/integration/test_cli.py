@@ -8,20 +8,21 @@ import sys
 from pathlib import Path
 
 import pydicom
-
 from support import (
     ServerProcess,
+    encode_dataset,
     free_port,
     index_rows,
     make_image,
-    encode_dataset,
     shipped,
     store_datasets,
     stored_instance_files,
 )
 
 
-def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "openpacs", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout)  # fmt: skip
 
@@ -29,7 +30,15 @@ def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess
 def test_invalid_config_stops_startup_naming_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[dicom]\nmax_pdu = 1024\n[storage]\nduplicate_policy = "twice"\n')
-    r = run("serve", "--config", str(bad), "--data-dir", str(tmp_path / "d"), "--dicom-port", str(free_port()))
+    r = run(
+        "serve",
+        "--config",
+        str(bad),
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--dicom-port",
+        str(free_port()),
+    )
     assert r.returncode == 2
     assert "dicom.max_pdu" in r.stderr and "4096" in r.stderr
     assert not (tmp_path / "d").exists()  # nothing started
@@ -38,7 +47,9 @@ def test_invalid_config_stops_startup_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_flags_override_config_file(tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "s", '[dicom]\nae_title = "FROMFILE"\nport = 1\n', ae_title="FROMFLAG")
+    srv = ServerProcess(
+        tmp_path / "s", '[dicom]\nae_title = "FROMFILE"\nport = 1\n', ae_title="FROMFLAG"
+    )
     srv.start()
     try:
         assert f"DICOM listener on 127.0.0.1:{srv.port}, AE title FROMFLAG" in srv.log()
@@ -111,7 +122,9 @@ def test_import_folders_summary_and_exit_code(tmp_path: Path) -> None:
     (path,) = stored_instance_files(data, bare.SOPInstanceUID)
     assert path.read_bytes().endswith((src / "bare.dcm").read_bytes())
     # imported files are stored byte for byte
-    (path,) = stored_instance_files(data, pydicom.dcmread(shipped("MR_small_RLE.dcm")).SOPInstanceUID)
+    (path,) = stored_instance_files(
+        data, pydicom.dcmread(shipped("MR_small_RLE.dcm")).SOPInstanceUID
+    )
     assert path.read_bytes() == shipped("MR_small_RLE.dcm").read_bytes()
     # everything good → exit 0; and `studies` lists what is there
     r = run("import", "--data-dir", str(data), "-q", str(src / "a"))

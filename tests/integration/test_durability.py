@@ -61,7 +61,9 @@ def _sender(port: int, acked: list[str], stop: threading.Event, rows: int, tag: 
     i = 0
     try:
         while not stop.is_set() and assoc.is_established:
-            ds = make_image(study_uid=study, rows=rows, columns=rows, seed=tag * 10000 + i, instance_number=i)
+            ds = make_image(
+                study_uid=study, rows=rows, columns=rows, seed=tag * 10000 + i, instance_number=i
+            )
             rsp = assoc.send_c_store(ds)
             if rsp and rsp.get("Status") == 0:
                 acked.append(ds.SOPInstanceUID)
@@ -150,7 +152,9 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     return r.returncode == 0
 
 
@@ -160,7 +164,9 @@ def test_disk_full_gives_a700_and_keeps_serving(tmp_path: Path) -> None:
     mounted = _mount_tmpfs(blobs, "3m")
     if not mounted:
         if CI:
-            pytest.fail("CI runs as root and must be able to mount a small tmpfs for the disk-full test")
+            pytest.fail(
+                "CI runs as root and must be able to mount a small tmpfs for the disk-full test"
+            )
 
         def limit() -> None:  # without mount rights: a file size limit gives EFBIG the same way
             import resource
@@ -181,8 +187,14 @@ def test_disk_full_gives_a700_and_keeps_serving(tmp_path: Path) -> None:
         assert all("disk full" in (c or "") for c in failed)
         # what was stored before is intact; nothing partial is indexed
         _check_consistent(srv.data_dir)
-        ok = {uid for uid, (s, _) in zip([d.SOPInstanceUID for d in big], results, strict=True) if s == 0}
-        assert {r["sop_uid"] for r in index_rows(srv.data_dir, "instances")} == ok | {first.SOPInstanceUID}
+        ok = {
+            uid
+            for uid, (s, _) in zip([d.SOPInstanceUID for d in big], results, strict=True)
+            if s == 0
+        }
+        assert {r["sop_uid"] for r in index_rows(srv.data_dir, "instances")} == ok | {
+            first.SOPInstanceUID
+        }
         # still serving
         ae = AE()
         ae.add_requested_context("1.2.840.10008.1.1")

@@ -11,7 +11,6 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom.uid import generate_uid
-
 from support import require_tool, store_datasets, stored_instance_files
 
 

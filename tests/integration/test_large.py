@@ -12,7 +12,6 @@ import pytest
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
 from support import index_rows, require_tool, stored_instance_files, tool_env
 
 MF_GRAYSCALE_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"

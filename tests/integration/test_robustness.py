@@ -51,7 +51,9 @@ def _rows_have_intact_files(data_dir: Path) -> list[dict]:
         path = blob_path(data_dir, row["blob_key"])
         assert path.stat().st_size == row["size"]
         scan_part10(path.read_bytes())  # a complete, structurally valid Part 10 file
-    assert {blob_path(data_dir, r["blob_key"]) for r in rows} == set((data_dir / "blobs").rglob("*.dcm"))
+    assert {blob_path(data_dir, r["blob_key"]) for r in rows} == set(
+        (data_dir / "blobs").rglob("*.dcm")
+    )
     return rows
 
 
@@ -104,7 +106,9 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
         buf[pos:pos] = rng.randbytes(rng.randint(1, 16))
     elif kind == 3:  # corrupt a length field near an element header
         pos = rng.randrange(0, max(1, len(buf) - 8), 2)
-        buf[pos + 4 : pos + 8] = struct.pack("<I", rng.choice([0xFFFFFFFF, 0x7FFFFFFF, rng.randrange(1 << 16)]))
+        buf[pos + 4 : pos + 8] = struct.pack(
+            "<I", rng.choice([0xFFFFFFFF, 0x7FFFFFFF, rng.randrange(1 << 16)])
+        )
     else:  # duplicate a slice
         a = rng.randrange(len(buf))
         b = min(len(buf), a + rng.randint(1, 64))
@@ -130,9 +134,14 @@ def _drain(sock: socket.socket, seconds: float = 0.3) -> None:
 
 def test_bounded_fuzz_over_a_real_socket(make_server) -> None:
     srv = make_server("[dicom]\nartim_timeout = 1\nnetwork_timeout = 1\n")
-    baseline = [make_image(seed=i) for i in range(3)] + [make_image(sop_class=MR_IMAGE, modality="MR", seed=9)]
+    baseline = [make_image(seed=i) for i in range(3)] + [
+        make_image(sop_class=MR_IMAGE, modality="MR", seed=9)
+    ]
     assert store_datasets(srv.port, baseline) == [(0, None)] * 4
-    originals = {ds.SOPInstanceUID: stored_instance_files(srv.data_dir, ds.SOPInstanceUID)[0].read_bytes() for ds in baseline}
+    originals = {
+        ds.SOPInstanceUID: stored_instance_files(srv.data_dir, ds.SOPInstanceUID)[0].read_bytes()
+        for ds in baseline
+    }
     seeds = [
         encode_dataset(make_image(seed=100)),
         encode_dataset(pydicom.dcmread(shipped("CT_small.dcm"))),  # private tags, sequences
@@ -161,7 +170,10 @@ def test_bounded_fuzz_over_a_real_socket(make_server) -> None:
                 scu = RawScu(srv.port, [(CT_IMAGE, [EXPLICIT]), (MR_IMAGE, [EXPLICIT])])
                 data = _mutate(rng.choice(seeds), rng)
                 try:
-                    ds_uid = pydicom.dcmread(io.BytesIO(data), force=True).get("SOPInstanceUID") or "1.2.3"
+                    ds_uid = (
+                        pydicom.dcmread(io.BytesIO(data), force=True).get("SOPInstanceUID")
+                        or "1.2.3"
+                    )
                 except Exception:
                     ds_uid = "1.2.3"
                 rsp = scu.store(1, CT_IMAGE, str(ds_uid), data)

@@ -72,7 +72,9 @@ def _storescp_reference(tmp_path: Path, src: Path, option: str) -> bytes:
     out = tmp_path / "reference"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([storescp, "+B", "+xa", "-od", str(out), "-aet", "REF", str(port)], env=tool_env())
+    proc = subprocess.Popen(
+        [storescp, "+B", "+xa", "-od", str(out), "-aet", "REF", str(port)], env=tool_env()
+    )
     try:
         for _ in range(100):
             try:
@@ -117,7 +119,9 @@ def test_storescu_stores_bytes_exactly(server, tmp_path: Path, name: str, option
 
 
 @pytest.mark.parametrize(("name", "_option"), INTEROP_FILES, ids=[n for n, _ in INTEROP_FILES])
-def test_pynetdicom_file_bytes_stored_exactly(server, tmp_path: Path, name: str, _option: str) -> None:
+def test_pynetdicom_file_bytes_stored_exactly(
+    server, tmp_path: Path, name: str, _option: str
+) -> None:
     """pynetdicom sends a file's data set bytes unchanged: the stored data set equals the file's."""
     from pynetdicom import AE
 
@@ -139,14 +143,20 @@ def test_pynetdicom_file_bytes_stored_exactly(server, tmp_path: Path, name: str,
 def test_storescu_many_files_one_association(server, tmp_path: Path) -> None:
     storescu = require_tool("storescu")
     study = generate_uid(prefix=None)  # 2.25.<uuid>: room for the series suffix within 64
-    for i, (cls, mod) in enumerate([(CT_IMAGE, "CT")] * 5 + [(MR_IMAGE, "MR")] * 5 + [(SC_IMAGE, "OT")] * 3):
+    for i, (cls, mod) in enumerate(
+        [(CT_IMAGE, "CT")] * 5 + [(MR_IMAGE, "MR")] * 5 + [(SC_IMAGE, "OT")] * 3
+    ):
         make_image(sop_class=cls, modality=mod, study_uid=study, series_uid=f"{study}.{len(mod)}{ord(mod[0])}",
                    instance_number=i, seed=i).save_as(tmp_path / f"{i:03d}.dcm", enforce_file_format=True)  # fmt: skip
     r = subprocess.run([storescu, "+sd", "-aec", "OPENPACS", "127.0.0.1", str(server.port), str(tmp_path)],
                        capture_output=True, text=True, env=tool_env(), timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     (study_row,) = index_rows(server.data_dir, "studies", study_uid=study)
-    assert (study_row["num_series"], study_row["num_instances"], study_row["modalities"]) == (3, 13, "CT\\MR\\OT")
+    assert (study_row["num_series"], study_row["num_instances"], study_row["modalities"]) == (
+        3,
+        13,
+        "CT\\MR\\OT",
+    )
     assert server.log().count("association accepted") == 1
 
 
@@ -195,7 +205,12 @@ def test_command_and_dataset_disagreements(server) -> None:
     scu = RawScu(server.port, [(CT_IMAGE, [EXPLICIT]), (MR_IMAGE, [EXPLICIT])])
     ct = make_image()
     # Affected SOP Class in the command ≠ the data set's SOP Class → A900
-    rsp = scu.store(1, CT_IMAGE, ct.SOPInstanceUID, encode_dataset(make_image(sop_class=MR_IMAGE, sop_uid=ct.SOPInstanceUID)))
+    rsp = scu.store(
+        1,
+        CT_IMAGE,
+        ct.SOPInstanceUID,
+        encode_dataset(make_image(sop_class=MR_IMAGE, sop_uid=ct.SOPInstanceUID)),
+    )
     assert rsp.Status == 0xA900 and "does not match" in rsp.ErrorComment
     # Affected SOP Instance ≠ the data set's → C011 (seed 002: Instance UID mismatch)
     rsp = scu.store(1, CT_IMAGE, "1.2.3.4.5.6", encode_dataset(ct))
@@ -221,11 +236,16 @@ def test_duplicate_policy(make_server, policy: str) -> None:
     srv = make_server(f'[storage]\nduplicate_policy = "{policy}"\n')
     uid = generate_uid()
     first = make_image(sop_uid=uid, seed=1)
-    second = make_image(sop_uid=uid, seed=2, study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID)
+    second = make_image(
+        sop_uid=uid, seed=2, study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID
+    )
     assert store_datasets(srv.port, [first]) == [(0, None)]
     [(status, comment)] = store_datasets(srv.port, [second])
     rows = index_rows(srv.data_dir, "instances", sop_uid=uid)
-    pixels = [pydicom.dcmread(stored_instance_files(srv.data_dir, uid)[i]).PixelData for i in range(len(rows))]
+    pixels = [
+        pydicom.dcmread(stored_instance_files(srv.data_dir, uid)[i]).PixelData
+        for i in range(len(rows))
+    ]
     if policy == "overwrite":
         assert status == 0 and len(rows) == 1 and pixels == [second.PixelData]
     elif policy == "ignore":
@@ -253,7 +273,10 @@ def test_empty_patient_id_rules(server) -> None:
     assert len(generated) == 1 and generated[0]["patient_id"].startswith("OPENPACS-")
     assert server.log().count("has an empty Patient ID") == 2
     # the stored bytes are not coerced
-    assert pydicom.dcmread(stored_instance_files(server.data_dir, named.SOPInstanceUID)[0]).PatientID == ""
+    assert (
+        pydicom.dcmread(stored_instance_files(server.data_dir, named.SOPInstanceUID)[0]).PatientID
+        == ""
+    )
 
 
 @pytest.mark.parametrize(
@@ -274,7 +297,18 @@ def test_character_sets_indexed_as_text(server, charset: str, name: str) -> None
     assert patient["charset"] == charset
 
 
-@pytest.mark.parametrize("name", ["chrH31.dcm", "chrJapMulti.dcm", "chrI2.dcm", "chrX1.dcm", "chrHbrw.dcm", "chrRuss.dcm", "chrX2.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chrH31.dcm",
+        "chrJapMulti.dcm",
+        "chrI2.dcm",
+        "chrX1.dcm",
+        "chrHbrw.dcm",
+        "chrRuss.dcm",
+        "chrX2.dcm",
+    ],
+)
 def test_iso2022_and_other_charset_files(server, name: str) -> None:
     storescu = require_tool("storescu")
     src = shipped(name)

@@ -85,15 +85,25 @@ def rows(index: InstanceIndex, table: sa.Table) -> list[sa.Row]:  # type: ignore
         return list(conn.execute(sa.select(table).order_by(table.c.pk)))
 
 
-def store(index: InstanceIndex, rec: object, policy: str = "overwrite", key: str | None = None) -> object:
+def store(
+    index: InstanceIndex, rec: object, policy: str = "overwrite", key: str | None = None
+) -> object:
     return index.store(rec, key or uuid.uuid4().hex, 100, "SCU", policy).result()  # type: ignore[arg-type]
 
 
 def test_levels_and_counts(index: InstanceIndex) -> None:
     study, s1, s2 = "1.2.3.1", "1.2.3.1.1", "1.2.3.1.2"
     for i in range(3):
-        assert store(index, record_of(study_uid=study, series_uid=s1, instance_number=i)).kind == STORED
-    out = store(index, record_of(study_uid=study, series_uid=s2, modality="MR", sop_class="1.2.840.10008.5.1.4.1.1.4"))
+        assert (
+            store(index, record_of(study_uid=study, series_uid=s1, instance_number=i)).kind
+            == STORED
+        )
+    out = store(
+        index,
+        record_of(
+            study_uid=study, series_uid=s2, modality="MR", sop_class="1.2.840.10008.5.1.4.1.1.4"
+        ),
+    )
     assert out.kind == STORED and out.new_series and not out.new_study
     (st,) = rows(index, studies)
     assert (st.num_series, st.num_instances, st.modalities) == (2, 4, "CT\\MR")
@@ -123,14 +133,20 @@ def test_duplicate_policies(index: InstanceIndex) -> None:
 
 
 def test_overwrite_into_another_series_removes_empty_levels(index: InstanceIndex) -> None:
-    store(index, record_of(sop_uid="1.2.7", study_uid="1.2.7.1", series_uid="1.2.7.1.1", patient_id="A"))
+    store(
+        index,
+        record_of(sop_uid="1.2.7", study_uid="1.2.7.1", series_uid="1.2.7.1.1", patient_id="A"),
+    )
     moved = record_of(sop_uid="1.2.7", study_uid="1.2.8.1", series_uid="1.2.8.1.1", patient_id="B")
     assert store(index, moved).kind == REPLACED
     assert [r.study_uid for r in rows(index, studies)] == ["1.2.8.1"]
     assert [r.series_uid for r in rows(index, series)] == ["1.2.8.1.1"]
     assert [r.patient_id for r in rows(index, patients)] == ["B"]
     # the writer's key caches must not point at the deleted rows
-    assert store(index, record_of(study_uid="1.2.7.1", series_uid="1.2.7.1.1", patient_id="A")).kind == STORED
+    assert (
+        store(index, record_of(study_uid="1.2.7.1", series_uid="1.2.7.1.1", patient_id="A")).kind
+        == STORED
+    )
     assert len(rows(index, studies)) == 2
 
 
