@@ -347,3 +347,13 @@ def test_restart_keeps_data(make_server, tmp_path: Path) -> None:
     assert store_datasets(srv.port, [make_image()]) == [(0, None)]
     listing = srv.run_cli("studies")
     assert listing.returncode == 0 and "6 studies" in listing.stdout
+
+
+def test_empty_pixel_data_is_accepted(server) -> None:
+    """seed 002 refuses it with A717; an archive should keep what the modality produced."""
+    ds = make_image()
+    ds.PixelData = b""
+    assert store_datasets(server.port, [ds]) == [(0, None)]
+    (path,) = stored_instance_files(server.data_dir, ds.SOPInstanceUID)
+    stored = pydicom.dcmread(path)
+    assert "PixelData" in stored and not stored.PixelData  # present, zero length
