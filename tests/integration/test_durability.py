@@ -138,6 +138,17 @@ def test_crash_leftovers_are_reindexed_or_removed(make_server) -> None:
     # a blob of some other (live or foreign) writer must not be touched
     foreign = hour_dir / f"{'f' * 32}.dcm"
     foreign.write_bytes(stored.read_bytes()[:700])
+    # a row whose blob never reached the disk (filed while its fsync ran; then the power failed)
+    gone = make_image(seed=3)
+    srv.start()
+    assert store_datasets(srv.port, [gone]) == [(0, None)]
+    srv.kill()
+    (run_file,) = (srv.data_dir / "run").glob("*.json")
+    (gone_path,) = stored_instance_files(srv.data_dir, gone.SOPInstanceUID)
+    gone_path.unlink()
+    token2 = json.loads(run_file.read_text())["token"]
+    lost2 = gone_path.parent / f"{token2}{'c' * 24}.dcm"
+    make_image(seed=4).save_as(lost2, enforce_file_format=True)
     srv.start()
     assert not partial.exists()
     assert foreign.exists()
@@ -145,6 +156,9 @@ def test_crash_leftovers_are_reindexed_or_removed(make_server) -> None:
     (row,) = index_rows(srv.data_dir, "instances", sop_uid=lost.SOPInstanceUID)
     assert blob_path(srv.data_dir, row["blob_key"]) == complete
     assert "re-indexed" in srv.log()
+    assert index_rows(srv.data_dir, "instances", sop_uid=gone.SOPInstanceUID) == []
+    assert "1 rows without their blob removed" in srv.log()
+    assert lost2.exists() and len(index_rows(srv.data_dir, "instances")) == 3
     _check_consistent(srv.data_dir)
 
 

@@ -102,7 +102,7 @@ class FileBlobStore:
             return min(self._open.values(), default=None)
 
     def new_key(self) -> str:
-        return time.strftime("%Y%m%d/%H/", time.gmtime()) + self.token + uuid.uuid4().hex[8:]
+        return time.strftime("%Y%m%d/%H/", time.gmtime()) + self.token + os.urandom(12).hex()
 
     def path(self, key: str) -> Path:
         return self.root / (key + SUFFIX)
@@ -150,6 +150,16 @@ class FileBlobStore:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(key))
+
+    @staticmethod
+    def hour_prefixes(since: float, until: float) -> list[str]:
+        """The key prefixes ("YYYYMMDD/HH/") of every hour from *since* to *until*."""
+        out = []
+        t = int(since // 3600) * 3600
+        while t <= until:
+            out.append(time.strftime("%Y%m%d/%H/", time.gmtime(t)))
+            t += 3600
+        return out
 
     def keys(self, since: float | None = None, token: str = "") -> Iterator[str]:
         """Blob keys present on disk (including partial writes left by a crash); with *since*

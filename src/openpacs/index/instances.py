@@ -26,6 +26,8 @@ from openpacs.services.records import InstanceRecord
 STORED, REPLACED, KEPT_DUPLICATE, IGNORED, REJECTED, CLASS_CONFLICT = (
     "stored", "replaced", "kept-duplicate", "ignored", "rejected", "class-conflict",
 )  # fmt: skip
+# Nothing written: replacing stored copies must wait until the new blob is durable.
+NEEDS_DURABLE_BLOB = "needs-durable-blob"
 
 
 @dataclass
@@ -125,10 +127,15 @@ class InstanceIndex:
         size: int,
         calling_ae: str | None,
         policy: str,
+        blob_durable: bool = True,
     ) -> Future[StoreOutcome]:
-        """File one instance; the future completes once the transaction has committed."""
+        """File one instance; the future completes once the transaction has committed.
+        blob_durable=False: the blob's fsync may still be running; the row is written anyway,
+        except when it would replace stored copies (then NEEDS_DURABLE_BLOB, nothing written)."""
         return self.writer.submit(
-            lambda conn: self._store_op(conn, record, blob_key, size, calling_ae, policy)
+            lambda conn: self._store_op(
+                conn, record, blob_key, size, calling_ae, policy, blob_durable
+            )
         )
 
     def delete_instance(self, instance_pk: int) -> None:
@@ -142,6 +149,7 @@ class InstanceIndex:
         size: int,
         calling_ae: str | None,
         policy: str,
+        blob_durable: bool,
     ) -> StoreOutcome:
         now = _now()
         existing = conn.execute(_FIND_BY_SOP, {"sop_uid": rec.sop_uid}).all()
@@ -156,6 +164,8 @@ class InstanceIndex:
             if policy == "reject":
                 return StoreOutcome(REJECTED)
             if policy == "overwrite":
+                if not blob_durable:
+                    return StoreOutcome(NEEDS_DURABLE_BLOB)
                 replaced = list(existing)
                 kind = REPLACED
             else:
@@ -327,6 +337,25 @@ class InstanceIndex:
             return conn.execute(
                 select(instances).where(instances.c.sop_uid == sop_uid).order_by(instances.c.pk)
             ).all()
+
+    def rows_with_key_prefix(self, prefix: str) -> Sequence[Row[Any]]:
+        """Instance rows whose blob key starts with *prefix* (an index range scan)."""
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(instances.c.pk, instances.c.blob_key, instances.c.size).where(
+                    instances.c.blob_key >= prefix, instances.c.blob_key < upper
+                )
+            ).all()
+
+    def delete_instances(self, instance_pks: Sequence[int]) -> None:
+        def op(conn: Connection) -> None:
+            now = _now()
+            for pk in instance_pks:
+                self._delete_instance(conn, pk, now)
+
+        if instance_pks:
+            self.writer.run(op)
 
     def existing_blob_keys(self, keys: Sequence[str]) -> set[str]:
         """Those of *keys* that an instance row names."""

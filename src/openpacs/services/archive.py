@@ -46,6 +46,7 @@ from openpacs.index.instances import (
     CLASS_CONFLICT,
     IGNORED,
     KEPT_DUPLICATE,
+    NEEDS_DURABLE_BLOB,
     REJECTED,
     REPLACED,
     InstanceIndex,
@@ -176,6 +177,14 @@ class Archive:
             if _process_alive(pid):
                 continue
             t0 = time.monotonic()
+            # Rows whose blob is missing or short: filed while the blob's fsync ran, and the
+            # power failed before it finished (never acknowledged).
+            broken = []
+            for prefix in self.blobs.hour_prefixes(through - 3600, time.time()):
+                for row in self.index.rows_with_key_prefix(prefix + token):
+                    if not self._blob_matches(row.blob_key, row.size, recent_after=through - 60):
+                        broken.append(row.pk)
+            self.index.delete_instances(broken)
             candidates = list(self.blobs.keys(since=through - 3600, token=token))
             known = self.index.existing_blob_keys(candidates)
             reindexed = removed = 0
@@ -190,13 +199,15 @@ class Archive:
             entry.unlink(missing_ok=True)
             log.warning(
                 "recovery: process %d (blob prefix %s) did not stop cleanly; %d of its blob files "
-                "checked in %.1f s: %d without an index row re-indexed, %d incomplete removed",
+                "checked in %.1f s: %d without an index row re-indexed, %d incomplete removed, "
+                "%d rows without their blob removed",
                 pid,
                 token,
                 len(candidates),
                 time.monotonic() - t0,
                 reindexed,
                 removed,
+                len(broken),
             )
         self._run_file = run_dir / f"{self.blobs.token}.json"
         self._run_info = {"token": self.blobs.token, "pid": os.getpid(), "started": time.time()}
@@ -204,6 +215,21 @@ class Archive:
         FileBlobStore.sync_dir(run_dir)
         self.writer.on_durable.append(self._index_durable)
         return handled
+
+    def _blob_matches(self, key: str, size: int, recent_after: float) -> bool:
+        """The blob exists with the recorded size; if written recently, its header parses."""
+        path = self.blobs.path(key)
+        try:
+            stat = path.stat()
+            if stat.st_size != size:
+                return False
+            if stat.st_mtime < recent_after:
+                return True
+            with open(path, "rb") as fh:
+                scan_part10(fh.read())
+            return True
+        except (OSError, DatasetFormatError):
+            return False
 
     def _write_run_file(self, durable_through: float) -> None:
         assert self._run_file is not None
@@ -240,7 +266,7 @@ class Archive:
         try:
             meta, header = scan_part10(view)
             record = build_record(header, meta.transfer_syntax)
-            outcome = self.index.store(record, key, size, None, self.policy).result()
+            outcome = self.index.store(record, key, size, None, self.policy, True).result()
         except (DatasetFormatError, MissingElement) as exc:
             log.warning("recovery: blob %s is not a complete instance (%s); removed", key, exc)
         finally:
@@ -386,21 +412,46 @@ class Archive:
             drop_blob()
             return self._blob_failure(exc, sop_uid)
         size = blob.size
+        # The row is filed while the blob's fsync runs (the writer thread works while this one
+        # waits on the disk). Success is answered only after both finished. If power fails in
+        # between, the row may name a blob that never reached the disk: that instance was not
+        # acknowledged, and recover() removes such rows. Replacing an existing instance waits
+        # for the fsync instead (NEEDS_DURABLE_BLOB), so an acknowledged copy is never traded
+        # for one that is not yet on disk.
         try:
-            blob.commit()  # fsync: from here on the instance survives a crash or power loss
-        except OSError as exc:
-            blob.abort()
-            return self._blob_failure(exc, sop_uid)
-        try:
-            outcome = self.index.store(record, blob.key, size, calling_ae, self.policy).result()
+            pending = self.index.store(record, blob.key, size, calling_ae, self.policy, False)
         except Exception as exc:
             blob.abort()
             return self._index_failure(exc, sop_uid)
-        if outcome.kind in (CLASS_CONFLICT, IGNORED, REJECTED):
+        sync_error: OSError | None = None
+        try:
+            blob.commit()
+        except OSError as exc:
+            sync_error = exc
+        try:
+            outcome = pending.result()
+            if outcome.kind == NEEDS_DURABLE_BLOB and sync_error is None:
+                outcome = self.index.store(
+                    record, blob.key, size, calling_ae, self.policy, True
+                ).result()
+        except Exception as exc:
             blob.abort()
+            return self._index_failure(exc, sop_uid)
+        if outcome.kind in (CLASS_CONFLICT, IGNORED, REJECTED, NEEDS_DURABLE_BLOB):
+            blob.abort()
+            if sync_error is not None:
+                return self._blob_failure(sync_error, sop_uid)
             return self._duplicate_result(
                 outcome, record.sop_uid, record.study_uid, calling_ae, via
             )
+        if sync_error is not None:  # the row is committed but its blob is not durable
+            try:
+                assert outcome.instance_pk is not None
+                self.index.delete_instance(outcome.instance_pk)
+            except Exception:
+                log.exception("could not take back the row of %s; recovery will", sop_uid)
+            blob.abort()
+            return self._blob_failure(sync_error, sop_uid)
         for old in outcome.replaced_blob_keys:
             self.blobs.delete(old)
         log.info(
