@@ -116,6 +116,9 @@ class DicomConfig:
     shutdown_timeout: float = 30.0
     # TCP connections still negotiating (before A-ASSOCIATE-AC) beyond this are closed at once.
     max_pending_connections: int = 64
+    # Processes accepting associations on the listening socket (each has its own interpreter,
+    # so ingest uses every core). 0 = one per CPU core.
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,7 @@ def _dicom(raw: dict[str, Any]) -> DicomConfig:
             1,
             100000,
         ),
+        workers=_int_range(raw.get("workers", d.workers), "dicom.workers", 0, 64),
     )
 
 

@@ -1,31 +1,51 @@
-"""`openpacs serve`: builds every service from the config and runs them in one process.
+"""`openpacs serve`: builds every service from the config and runs them.
 
-Owns: start-up order (archive and recovery before any listener), wiring of DIMSE services and
-presentation contexts, signal handling (SIGINT/SIGTERM: stop accepting, let in-flight operations
-finish, exit 0) and clean shutdown (which lets the next start skip orphan recovery).
+Owns: start-up order (crash recovery before any listener accepts), wiring of DIMSE services and
+presentation contexts, the process model, signal handling (SIGINT/SIGTERM: stop accepting, let
+in-flight operations finish, exit 0) and clean shutdown.
+
+Process model: with ``[dicom] workers`` > 1 (default: one per core) the master binds the DICOM
+listening socket, runs recovery, then forks worker processes that all accept on that socket,
+each with its own interpreter, archive and index writer — a single Python process is bound to
+one core by its GIL, and ingest is CPU work. Association slots and pending-connection counts
+are shared memory, so the configured limits hold for the whole server. Workers die with the
+master (PR_SET_PDEATHSIG); a worker that dies alone is logged and replaced.
 Must not: implement protocol or domain logic.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import signal
+import socket
+import sys
 import threading
+import time
 from types import FrameType
 
 from openpacs.config import Config
 from openpacs.dicom.sopclasses import STORAGE_SOP_CLASSES, VERIFICATION
 from openpacs.dicom.transfer_syntaxes import COMMAND_TRANSFER_SYNTAXES, STORAGE_TRANSFER_SYNTAXES
 from openpacs.dimse import commands as cmd
-from openpacs.dimse.server import DimseApplication, DimseServer
+from openpacs.dimse.server import DimseApplication, DimseServer, SharedCounter, bind_listener
 from openpacs.dimse.storage_scp import StorageService, VerificationService
 from openpacs.services.archive import Archive
 
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
 
-def build_dimse(config: Config, archive: Archive) -> DimseApplication:
-    app = DimseApplication(config.dicom, config.remotes)
+
+def build_dimse(
+    config: Config,
+    archive: Archive,
+    slots: SharedCounter | None = None,
+    pending: SharedCounter | None = None,
+) -> DimseApplication:
+    app = DimseApplication(config.dicom, config.remotes, slots=slots, pending=pending)
     app.add_contexts([VERIFICATION], COMMAND_TRANSFER_SYNTAXES)
     app.add_contexts(STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES)
     app.add_service(cmd.C_ECHO_RQ, VerificationService())
@@ -33,40 +53,154 @@ def build_dimse(config: Config, archive: Archive) -> DimseApplication:
     return app
 
 
+def worker_count(config: Config) -> int:
+    return config.dicom.workers or max(1, min(os.cpu_count() or 1, 8))
+
+
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.archive = Archive(config)
-        self.archive.recover()
-        self.dimse = DimseServer(build_dimse(config, self.archive))
         self._stop = threading.Event()
-
-    def start(self) -> None:
-        self.dimse.start()
-        log.info(
-            "openpacs ready: data in %s, index %s, duplicate policy %s",
-            self.config.storage.data_dir.resolve(),
-            _safe_url(self.config.index_url),
-            self.config.storage.duplicate_policy,
-        )
+        self._sock: socket.socket | None = None
+        self._slots = SharedCounter()
+        self._pending = SharedCounter()
+        self._workers: dict[int, int] = {}  # pid -> worker number
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
-        if signum is not None:
+        if signum is not None and not self._stop.is_set():
             log.info("received %s: finishing in-flight work", signal.Signals(signum).name)
         self._stop.set()
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        self.start()
+        self._sock = bind_listener(self.config.dicom)
+        log.info(
+            "DICOM listener on %s:%d, AE title %s",
+            self.config.dicom.host, self._sock.getsockname()[1], self.config.dicom.ae_title,
+        )  # fmt: skip
+        # Recovery runs once, before anything accepts (connections wait in the backlog).
+        recovery = Archive(self.config)
+        recovery.recover()
+        recovery.close(clean=True)
+        n = worker_count(self.config)
+        if n == 1:
+            self._serve_in_process()
+        else:
+            self._supervise(n)
+        log.info("openpacs stopped")
+
+    def _ready(self, detail: str) -> None:
+        log.info(
+            "openpacs ready: data in %s, index %s, duplicate policy %s, %s",
+            self.config.storage.data_dir.resolve(),
+            _safe_url(self.config.index_url),
+            self.config.storage.duplicate_policy,
+            detail,
+        )
+
+    # ------------------------------------------------------------------ one process
+    def _serve_in_process(self) -> None:
+        archive = Archive(self.config)
+        archive.register()
+        dimse = DimseServer(
+            build_dimse(self.config, archive, self._slots, self._pending), self._sock
+        )
+        dimse.start()
+        self._ready("1 process")
         while not self._stop.wait(1.0):
             pass
-        self.stop()
+        dimse.stop()
+        archive.close(clean=True)
 
-    def stop(self) -> None:
-        self.dimse.stop()
-        self.archive.close(clean=True)
-        log.info("openpacs stopped")
+    # ------------------------------------------------------------------ workers
+    def _supervise(self, n: int) -> None:
+        for number in range(1, n + 1):
+            self._spawn(number)
+        self._ready(f"{n} worker processes")
+        while not self._stop.is_set():
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid and pid in self._workers:
+                number = self._workers.pop(pid)
+                if not self._stop.is_set():
+                    log.error("worker %d (pid %d) died (%s); starting a new one",
+                              number, pid, _describe(status))  # fmt: skip
+                    self._spawn(number, recover=True)
+            self._stop.wait(0.2)
+        with contextlib.suppress(OSError):
+            assert self._sock is not None
+            self._sock.close()
+        for pid in list(self._workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.dicom.shutdown_timeout + 10
+        while self._workers and time.monotonic() < deadline:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self._workers.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        for pid in self._workers:
+            log.warning("worker pid %d did not stop in time; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _spawn(self, number: int, recover: bool = False) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            self._workers[pid] = number
+            return
+        code = 0
+        try:
+            _die_with_parent()
+            self._worker(number, recover)
+        except BaseException:
+            log.exception("worker %d failed", number)
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _worker(self, number: int, recover: bool) -> None:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides
+        archive = Archive(self.config)
+        if recover:
+            archive.recover()  # the worker this one replaces left its blobs behind
+        else:
+            archive.register()
+        dimse = DimseServer(
+            build_dimse(self.config, archive, self._slots, self._pending), self._sock
+        )
+        dimse.start()
+        log.info("worker %d (pid %d) accepting", number, os.getpid())
+        while not stop.wait(1.0):
+            if os.getppid() == 1:
+                break  # orphaned: the master is gone
+        dimse.stop()
+        archive.close(clean=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the master dies (kill -9 included)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
 def _safe_url(url: str) -> str:

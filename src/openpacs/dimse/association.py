@@ -140,7 +140,11 @@ class Association:
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
         try:
-            if not self._negotiate():
+            try:
+                negotiated = self._negotiate()
+            finally:
+                self.app.pending.release()  # taken by the accept loop
+            if not negotiated:
                 return
             self._message_loop()
         except pdu.PeerClosed as exc:

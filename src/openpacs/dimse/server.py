@@ -1,9 +1,11 @@
 """The DICOM listener: accepts TCP connections and runs one :class:`Association` per connection.
 
-Owns: the listening socket, the association slots (``max_associations``), the bound on
-connections still negotiating (``max_pending_connections``; each is also bounded by ARTIM), the
-registry of acceptor presentation contexts and of services by command field, and graceful stop
-(in-flight operations finish; idle associations are aborted; bounded by ``shutdown_timeout``).
+Owns: the listening socket, the association slots (``max_associations``) and the bound on
+connections still negotiating (``max_pending_connections``; each is also bounded by ARTIM) —
+both counted in shared memory so that they hold across worker processes accepting on the same
+socket — the registry of acceptor presentation contexts and of services by command field, and
+graceful stop (in-flight operations finish; idle associations are aborted; bounded by
+``shutdown_timeout``).
 Must not: implement any DIMSE service.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import socket
 import threading
 import time
@@ -25,10 +28,39 @@ from openpacs.dimse.association import Association, Service
 log = logging.getLogger(__name__)
 
 
+class SharedCounter:
+    """A bounded counter in shared memory: valid across processes forked after its creation."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value("i", 0)
+
+    def try_acquire(self, limit: int) -> bool:
+        with self._value.get_lock():
+            if self._value.value >= limit:
+                return False
+            self._value.value += 1
+            return True
+
+    def release(self) -> None:
+        with self._value.get_lock():
+            self._value.value -= 1
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+
 class DimseApplication:
     """What an association needs from the server: policy, contexts, services, slots."""
 
-    def __init__(self, config: DicomConfig, remotes: Iterable[RemoteNode] = ()) -> None:
+    def __init__(
+        self,
+        config: DicomConfig,
+        remotes: Iterable[RemoteNode] = (),
+        *,
+        slots: SharedCounter | None = None,
+        pending: SharedCounter | None = None,
+    ) -> None:
         self.config = config
         self.remotes = tuple(remotes)
         self.implementation_class_uid = IMPLEMENTATION_CLASS_UID
@@ -36,8 +68,8 @@ class DimseApplication:
         self.stopping = threading.Event()
         self._services: dict[int, Service] = {}
         self._contexts: dict[str, PnPresentationContext] = {}
-        self._slots = 0
-        self._lock = threading.Lock()
+        self.slots = slots or SharedCounter()
+        self.pending = pending or SharedCounter()
 
     # -------------------------------------------------------------- registration
     def add_contexts(
@@ -77,28 +109,29 @@ class DimseApplication:
 
     # -------------------------------------------------------------- slots
     def acquire_slot(self) -> bool:
-        with self._lock:
-            if self._slots >= self.config.max_associations:
-                return False
-            self._slots += 1
-            return True
+        return self.slots.try_acquire(self.config.max_associations)
 
     def release_slot(self) -> None:
-        with self._lock:
-            self._slots -= 1
+        self.slots.release()
 
-    @property
-    def active_associations(self) -> int:
-        with self._lock:
-            return self._slots
+
+def bind_listener(config: DicomConfig) -> socket.socket:
+    """The listening socket; created before worker processes fork so they all accept on it
+    (connections arriving meanwhile wait in the backlog)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(512)
+    return sock
 
 
 class DimseServer:
-    """Listens on (host, port) and serves associations until :meth:`stop`."""
+    """Accepts on a listening socket and serves associations until :meth:`stop`."""
 
-    def __init__(self, app: DimseApplication) -> None:
+    def __init__(self, app: DimseApplication, sock: socket.socket | None = None) -> None:
         self.app = app
-        self._sock: socket.socket | None = None
+        self._sock = sock
         self._thread: threading.Thread | None = None
         self._connections: set[threading.Thread] = set()
         self._conn_lock = threading.Lock()
@@ -106,51 +139,44 @@ class DimseServer:
 
     def start(self) -> None:
         config = self.app.config
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((config.host, config.port))
-        sock.listen(128)
-        sock.settimeout(0.5)
-        self._sock = sock
-        self.port = sock.getsockname()[1]
+        if self._sock is None:
+            self._sock = bind_listener(config)
+        self._sock.settimeout(0.5)
+        self.port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
         self._thread.start()
-        log.info("DICOM listener on %s:%d, AE title %s", config.host, self.port, config.ae_title)
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
+        config = self.app.config
         while not self.app.stopping.is_set():
             try:
                 conn, address = self._sock.accept()
-            except TimeoutError:
-                continue
+            except (TimeoutError, BlockingIOError, InterruptedError):
+                continue  # another worker took it, or the timeout slice ended
             except OSError:
                 if self.app.stopping.is_set():
                     break
                 log.exception("accept failed")
                 continue
+            if not self.app.pending.try_acquire(config.max_pending_connections):
+                log.warning(
+                    "connection from %s:%s closed at once: %d connections still negotiating "
+                    "(max_pending_connections)", address[0], address[1], self.app.pending.value,
+                )  # fmt: skip
+                with contextlib.suppress(OSError):
+                    conn.close()
+                continue
+            conn.setblocking(True)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.settimeout(config.artim_timeout)
+            assoc = Association(self.app, conn, address)
+            thread = threading.Thread(
+                target=assoc.run, name=f"assoc-{address[0]}:{address[1]}", daemon=True
+            )
             with self._conn_lock:
                 self._connections = {t for t in self._connections if t.is_alive()}
-                pending = len(self._connections) - self.app.active_associations
-                if pending >= self.app.config.max_pending_connections:
-                    log.warning(
-                        "connection from %s:%s closed at once: %d connections still negotiating "
-                        "(max_pending_connections)",
-                        address[0],
-                        address[1],
-                        pending,
-                    )
-                    with contextlib.suppress(OSError):
-                        conn.close()
-                    continue
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                conn.settimeout(self.app.config.artim_timeout)
-                assoc = Association(self.app, conn, address)
-                thread = threading.Thread(
-                    target=assoc.run, name=f"assoc-{address[0]}:{address[1]}", daemon=True
-                )
                 self._connections.add(thread)
             thread.start()
 

@@ -18,12 +18,16 @@ Must not: decide what is written (that is the archive's and later services' job)
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, insert, select
@@ -49,7 +53,17 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def busy_timeout_of(engine: Engine) -> float:
+    return float(engine.info.get("busy_timeout", 10.0)) if hasattr(engine, "info") else 10.0
+
+
 def make_engine(url: str, *, busy_timeout: float = 10.0, pool_size: int = 8) -> Engine:
+    engine = _make_engine(url, busy_timeout, pool_size)
+    engine.info = {"busy_timeout": busy_timeout}  # type: ignore[attr-defined]
+    return engine
+
+
+def _make_engine(url: str, busy_timeout: float, pool_size: int) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
@@ -105,8 +119,13 @@ def create_schema(engine: Engine) -> None:
 class IndexWriter:
     """The one thread that writes to the index, with group commit."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, lock_path: Path | None = None) -> None:
         self.engine = engine
+        # SQLite with several writing processes (server workers, `openpacs import`): their
+        # writers take this lock around each transaction. SQLite's own busy handler sleeps
+        # 1, 2, 5, 10… ms between retries; a flock hand-over is immediate.
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644) if lock_path else None
+        self._busy_timeout = busy_timeout_of(engine)
         self._queue: queue.SimpleQueue[tuple[WriteOp, Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._conn: Connection | None = None
@@ -179,6 +198,32 @@ class IndexWriter:
         self._checkpoint()
         if self._conn is not None:
             self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+    @contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        if self._lock_fd is None:
+            yield
+            return
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.00005
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise IndexUnavailable(
+                        f"the index is locked by another process for more than "
+                        f"{self._busy_timeout:g} s"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.002)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _checkpoint(self) -> None:
         """Make every commit so far durable; then tell on_durable listeners."""
@@ -215,7 +260,7 @@ class IndexWriter:
         results: list[Any] = []
         try:
             conn = self._connect()
-            with conn.begin():
+            with self._process_lock(), conn.begin():
                 for op, _future in batch:
                     results.append(op(conn))
         except Exception as exc:
@@ -228,7 +273,7 @@ class IndexWriter:
             for op, future in batch:
                 try:
                     conn = self._connect()
-                    with conn.begin():
+                    with self._process_lock(), conn.begin():
                         result = op(conn)
                     self._committed(started, 1)
                     future.set_result(result)

@@ -66,9 +66,7 @@ _FIND_BY_SOP = select(instances.c.pk, instances.c.sop_class_uid, instances.c.blo
 _FIND_PATIENT = select(patients.c.pk).where(
     patients.c.patient_id == bindparam("pid"), patients.c.issuer == bindparam("issuer")
 )
-_FIND_STUDY = select(studies.c.pk, studies.c.modalities).where(
-    studies.c.study_uid == bindparam("uid")
-)
+_FIND_STUDY = select(studies.c.pk).where(studies.c.study_uid == bindparam("uid"))
 _FIND_SERIES = select(series.c.pk).where(series.c.series_uid == bindparam("uid"))
 _INSERT_PATIENT = insert(patients)
 _INSERT_STUDY = insert(studies)
@@ -94,6 +92,7 @@ _BUMP_PATIENT = (
     .where(patients.c.pk == bindparam("b_pk"))
     .values(num_studies=patients.c.num_studies + 1, updated_at=bindparam("b_now"))
 )
+_GET_MODALITIES = select(studies.c.modalities).where(studies.c.pk == bindparam("b_pk"))
 _SET_MODALITIES = (
     update(studies).where(studies.c.pk == bindparam("b_pk")).values(modalities=bindparam("b_mod"))
 )
@@ -109,14 +108,14 @@ class InstanceIndex:
         self.writer = writer
         # Writer-thread caches of primary keys (only touched inside writer operations).
         self._patient_pk = _LRU(4096)
-        self._study = _LRU(4096)  # study_uid -> (pk, patient_pk, modalities set)
+        self._study_pk = _LRU(4096)
         self._series_pk = _LRU(16384)
         writer.on_failure.append(self.forget_cached_keys)
 
     def forget_cached_keys(self) -> None:
         """A write transaction rolled back: cached keys may name rows that do not exist."""
         self._patient_pk.clear()
-        self._study.clear()
+        self._study_pk.clear()
         self._series_pk.clear()
 
     # ------------------------------------------------------------------ writes
@@ -217,14 +216,13 @@ class InstanceIndex:
     def _study_row(
         self, conn: Connection, rec: InstanceRecord, patient_pk: int, now: dt.datetime
     ) -> tuple[int, bool]:
-        cached = self._study.lookup(rec.study_uid)
-        if cached is not None:
-            return cached[0], False
-        row = conn.execute(_FIND_STUDY, {"uid": rec.study_uid}).first()
-        if row is not None:
-            modalities = set(filter(None, (row.modalities or "").split("\\")))
-            self._study.put(rec.study_uid, (row.pk, modalities))
-            return int(row.pk), False
+        pk = self._study_pk.lookup(rec.study_uid)
+        if pk is not None:
+            return int(pk), False
+        pk = conn.execute(_FIND_STUDY, {"uid": rec.study_uid}).scalar()
+        if pk is not None:
+            self._study_pk.put(rec.study_uid, pk)
+            return int(pk), False
         pk = conn.execute(
             _INSERT_STUDY,
             {
@@ -237,7 +235,7 @@ class InstanceIndex:
                 "updated_at": now,
             },
         ).inserted_primary_key[0]
-        self._study.put(rec.study_uid, (pk, set()))
+        self._study_pk.put(rec.study_uid, pk)
         return int(pk), True
 
     def _series_row(
@@ -264,8 +262,9 @@ class InstanceIndex:
             conn.execute(_INSERT_REQUEST, {**request, "series_pk": pk})
         modality = rec.series.get("modality")
         if modality:
-            cached = self._study.lookup(rec.study_uid)
-            modalities: set[str] = cached[1] if cached else set()
+            # Read under the write lock, not from the cache: another process may have added one.
+            current = conn.execute(_GET_MODALITIES, {"b_pk": study_pk}).scalar()
+            modalities = set(filter(None, (current or "").split("\\")))
             if modality not in modalities:
                 modalities.add(modality)
                 conn.execute(

@@ -146,7 +146,9 @@ class Archive:
             config.index_url, busy_timeout=config.index.busy_timeout
         )
         db.create_schema(self.engine)
-        self.writer = db.IndexWriter(self.engine)
+        self.writer = db.IndexWriter(
+            self.engine, lock_path=data_dir / "index.lock" if db.is_sqlite(self.engine) else None
+        )
         self.index = InstanceIndex(self.engine, self.writer)
         self.policy = config.storage.duplicate_policy
         self._run_file: Path | None = None
@@ -209,12 +211,19 @@ class Archive:
                 removed,
                 len(broken),
             )
+        self.register()
+        return handled
+
+    def register(self) -> None:
+        """Announce this process in ``run/`` (see :meth:`recover`) before it writes blobs."""
+        run_dir = self.data_dir / RUN_DIR
+        run_dir.mkdir(exist_ok=True)
+        started = time.time()
         self._run_file = run_dir / f"{self.blobs.token}.json"
-        self._run_info = {"token": self.blobs.token, "pid": os.getpid(), "started": time.time()}
-        self._write_run_file(float(self._run_info["started"]))  # type: ignore[arg-type]
+        self._run_info = {"token": self.blobs.token, "pid": os.getpid(), "started": started}
+        self._write_run_file(started)
         FileBlobStore.sync_dir(run_dir)
         self.writer.on_durable.append(self._index_durable)
-        return handled
 
     def _blob_matches(self, key: str, size: int, recent_after: float) -> bool:
         """The blob exists with the recorded size; if written recently, its header parses."""
