@@ -176,11 +176,16 @@ class Association:
             )
             self._abort(pdu.ABORT_SOURCE_PROVIDER, pdu.ABORT_NOT_SPECIFIED, "internal error")
         finally:
-            if self._has_slot:
-                self.app.release_slot()
-                self._has_slot = False
+            self._release_slot()
             with contextlib.suppress(OSError):
                 self.sock.close()
+
+    def _release_slot(self) -> None:
+        """Free the association slot — before the peer hears the association is over, so a
+        peer that reconnects at once finds it free."""
+        if self._has_slot:
+            self._has_slot = False
+            self.app.release_slot()
 
     def _abort(self, source: int, reason: int, why: str) -> None:
         log.warning(
@@ -190,6 +195,7 @@ class Association:
             self.peer,
             why,
         )
+        self._release_slot()
         with contextlib.suppress(OSError):
             self.sock.sendall(pdu.a_abort(source, reason))
 
@@ -464,6 +470,7 @@ class Association:
                             self.calling_ae,
                             self.peer,
                         )
+                    self._release_slot()
                     sock.sendall(pdu.a_release_rp())
                     log.info(
                         "association released: %s -> %s from %s, %d messages in %.1f s",

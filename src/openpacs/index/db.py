@@ -306,3 +306,45 @@ class IndexWriter:
             self._conn is not None and self._conn.invalidated
         ):
             self._drop_connection()
+
+
+class Prepared:
+    """A SQLAlchemy Core statement compiled once for a dialect and run on the DBAPI cursor.
+
+    For the few statements of the ingest hot path: SQLAlchemy's per-execution machinery (cache
+    key, parameter construction, events, result object) cost ~40 µs a statement here, several
+    times the database's own work. The SQL, parameter order and bind processors still come
+    from SQLAlchemy's compiler for the engine's dialect, so SQLite and PostgreSQL both work.
+    """
+
+    def __init__(self, statement: Any, dialect: Any, column_keys: list[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        self.sql = str(compiled)
+        self.names: list[str] | None = list(compiled.positiontup) if compiled.positional else None
+        self.defaults: dict[str, Any] = {}
+        self.processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            if bind.value is not None:
+                self.defaults[name] = bind.effective_value  # literals such as "+ 1"
+            processor = bind.type.bind_processor(dialect)
+            if processor is not None:
+                self.processors[name] = processor
+
+    def execute(self, cursor: Any, values: dict[str, Any]) -> Any:
+        params = {**self.defaults, **values} if self.defaults else dict(values)
+        for name, processor in self.processors.items():
+            value = params.get(name)
+            if value is not None:
+                params[name] = processor(value)
+        if self.names is not None:
+            cursor.execute(self.sql, tuple(params.get(n) for n in self.names))
+        else:
+            cursor.execute(self.sql, params)
+        return cursor
+
+
+def dbapi_cursor(conn: Connection) -> Any:
+    """The DBAPI cursor of *conn*, inside the transaction SQLAlchemy began on it."""
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    return dbapi.cursor()

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Row
 
-from openpacs.index.db import IndexWriter
+from openpacs.index.db import IndexWriter, Prepared, dbapi_cursor
 from openpacs.index.schema import instances, patients, series, series_requests, studies
 from openpacs.services.records import InstanceRecord
 
@@ -58,8 +58,7 @@ class _LRU(OrderedDict[Any, Any]):
         return value
 
 
-# Statements built once: SQLAlchemy then only binds parameters (its compiled cache is keyed on
-# the construct), which is most of the per-instance index cost on the ingest path.
+# The hot-path statements, compiled once per dialect (see db.Prepared).
 _FIND_BY_SOP = select(instances.c.pk, instances.c.sop_class_uid, instances.c.blob_key).where(
     instances.c.sop_uid == bindparam("sop_uid")
 )
@@ -68,11 +67,6 @@ _FIND_PATIENT = select(patients.c.pk).where(
 )
 _FIND_STUDY = select(studies.c.pk).where(studies.c.study_uid == bindparam("uid"))
 _FIND_SERIES = select(series.c.pk).where(series.c.series_uid == bindparam("uid"))
-_INSERT_PATIENT = insert(patients)
-_INSERT_STUDY = insert(studies)
-_INSERT_SERIES = insert(series)
-_INSERT_REQUEST = insert(series_requests)
-_INSERT_INSTANCE = insert(instances)
 _BUMP_SERIES = (
     update(series)
     .where(series.c.pk == bindparam("b_pk"))
@@ -102,10 +96,37 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class _Statements:
+    """Prepared statements of the filing transaction, for one dialect."""
+
+    def __init__(self, dialect: Any) -> None:
+        self.dialect = dialect
+        self.find_by_sop = Prepared(_FIND_BY_SOP, dialect)
+        self.find_patient = Prepared(_FIND_PATIENT, dialect)
+        self.find_study = Prepared(_FIND_STUDY, dialect)
+        self.find_series = Prepared(_FIND_SERIES, dialect)
+        self.bump_series = Prepared(_BUMP_SERIES, dialect)
+        self.bump_study = Prepared(_BUMP_STUDY, dialect)
+        self.bump_patient = Prepared(_BUMP_PATIENT, dialect)
+        self.get_modalities = Prepared(_GET_MODALITIES, dialect)
+        self.set_modalities = Prepared(_SET_MODALITIES, dialect)
+        self._inserts: dict[tuple[str, tuple[str, ...]], Prepared] = {}
+
+    def insert(self, cursor: Any, table: Any, values: dict[str, Any]) -> int:
+        """INSERT … RETURNING pk, compiled once per table and set of columns."""
+        key = (table.name, tuple(values))
+        prepared = self._inserts.get(key)
+        if prepared is None:
+            statement = insert(table).returning(table.c.pk)
+            prepared = self._inserts[key] = Prepared(statement, self.dialect, list(values))
+        return int(prepared.execute(cursor, values).fetchone()[0])
+
+
 class InstanceIndex:
     def __init__(self, engine: Engine, writer: IndexWriter) -> None:
         self.engine = engine
         self.writer = writer
+        self._sql = _Statements(engine.dialect)
         # Writer-thread caches of primary keys (only touched inside writer operations).
         self._patient_pk = _LRU(4096)
         self._study_pk = _LRU(4096)
@@ -151,13 +172,15 @@ class InstanceIndex:
         blob_durable: bool,
     ) -> StoreOutcome:
         now = _now()
-        existing = conn.execute(_FIND_BY_SOP, {"sop_uid": rec.sop_uid}).all()
+        sql = self._sql
+        cur = dbapi_cursor(conn)
+        existing = sql.find_by_sop.execute(cur, {"sop_uid": rec.sop_uid}).fetchall()
         kind = STORED
-        replaced: list[Row[Any]] = []
+        replaced: list[tuple[int, str, str]] = []
         if existing:
-            for row in existing:
-                if row.sop_class_uid != rec.sop_class_uid:
-                    return StoreOutcome(CLASS_CONFLICT, existing_class=row.sop_class_uid)
+            for _pk, sop_class, _key in existing:
+                if sop_class != rec.sop_class_uid:
+                    return StoreOutcome(CLASS_CONFLICT, existing_class=sop_class)
             if policy == "ignore":
                 return StoreOutcome(IGNORED)
             if policy == "reject":
@@ -170,9 +193,9 @@ class InstanceIndex:
             else:
                 kind = KEPT_DUPLICATE
 
-        patient_pk = self._patient(conn, rec, now)
-        study_pk, new_study = self._study_row(conn, rec, patient_pk, now)
-        series_pk, new_series = self._series_row(conn, rec, study_pk, now)
+        patient_pk = self._patient(cur, rec, now)
+        study_pk, new_study = self._study_row(cur, rec, patient_pk, now)
+        series_pk, new_series = self._series_row(cur, rec, study_pk, now)
         values = dict(rec.instance)
         values.update(
             series_pk=series_pk,
@@ -182,49 +205,53 @@ class InstanceIndex:
             calling_ae=calling_ae,
             received_at=now,
         )
-        instance_pk = conn.execute(_INSERT_INSTANCE, values).inserted_primary_key[0]
-        conn.execute(_BUMP_SERIES, {"b_pk": series_pk, "b_now": now})
-        conn.execute(
-            _BUMP_STUDY, {"b_pk": study_pk, "b_new_series": 1 if new_series else 0, "b_now": now}
+        instance_pk = sql.insert(cur, instances, values)
+        sql.bump_series.execute(cur, {"b_pk": series_pk, "b_now": now})
+        sql.bump_study.execute(
+            cur, {"b_pk": study_pk, "b_new_series": 1 if new_series else 0, "b_now": now}
         )
         if new_study:
-            conn.execute(_BUMP_PATIENT, {"b_pk": patient_pk, "b_now": now})
-        for row in replaced:
-            self._delete_instance(conn, row.pk, now)
+            sql.bump_patient.execute(cur, {"b_pk": patient_pk, "b_now": now})
+        for pk, _class, _key in replaced:
+            self._delete_instance(conn, pk, now)
         return StoreOutcome(
             kind,
             instance_pk=instance_pk,
-            replaced_blob_keys=[row.blob_key for row in replaced],
+            replaced_blob_keys=[key for _pk, _class, key in replaced],
             new_study=new_study,
             new_series=new_series,
         )
 
-    def _patient(self, conn: Connection, rec: InstanceRecord, now: dt.datetime) -> int:
+    def _patient(self, cur: Any, rec: InstanceRecord, now: dt.datetime) -> int:
         key = (rec.patient["patient_id"], rec.patient["issuer"])
         pk = self._patient_pk.lookup(key)
         if pk is not None:
             return int(pk)
-        pk = conn.execute(_FIND_PATIENT, {"pid": key[0], "issuer": key[1]}).scalar()
-        if pk is None:
-            pk = conn.execute(
-                _INSERT_PATIENT,
+        found = self._sql.find_patient.execute(cur, {"pid": key[0], "issuer": key[1]}).fetchone()
+        if found is not None:
+            pk = found[0]
+        else:
+            pk = self._sql.insert(
+                cur,
+                patients,
                 {**rec.patient, "num_studies": 0, "created_at": now, "updated_at": now},
-            ).inserted_primary_key[0]
+            )
         self._patient_pk.put(key, pk)
         return int(pk)
 
     def _study_row(
-        self, conn: Connection, rec: InstanceRecord, patient_pk: int, now: dt.datetime
+        self, cur: Any, rec: InstanceRecord, patient_pk: int, now: dt.datetime
     ) -> tuple[int, bool]:
         pk = self._study_pk.lookup(rec.study_uid)
         if pk is not None:
             return int(pk), False
-        pk = conn.execute(_FIND_STUDY, {"uid": rec.study_uid}).scalar()
-        if pk is not None:
-            self._study_pk.put(rec.study_uid, pk)
-            return int(pk), False
-        pk = conn.execute(
-            _INSERT_STUDY,
+        found = self._sql.find_study.execute(cur, {"uid": rec.study_uid}).fetchone()
+        if found is not None:
+            self._study_pk.put(rec.study_uid, found[0])
+            return int(found[0]), False
+        pk = self._sql.insert(
+            cur,
+            studies,
             {
                 **rec.study,
                 "patient_pk": patient_pk,
@@ -234,22 +261,23 @@ class InstanceIndex:
                 "created_at": now,
                 "updated_at": now,
             },
-        ).inserted_primary_key[0]
+        )
         self._study_pk.put(rec.study_uid, pk)
-        return int(pk), True
+        return pk, True
 
     def _series_row(
-        self, conn: Connection, rec: InstanceRecord, study_pk: int, now: dt.datetime
+        self, cur: Any, rec: InstanceRecord, study_pk: int, now: dt.datetime
     ) -> tuple[int, bool]:
         pk = self._series_pk.lookup(rec.series_uid)
         if pk is not None:
             return int(pk), False
-        pk = conn.execute(_FIND_SERIES, {"uid": rec.series_uid}).scalar()
-        if pk is not None:
-            self._series_pk.put(rec.series_uid, pk)
-            return int(pk), False
-        pk = conn.execute(
-            _INSERT_SERIES,
+        found = self._sql.find_series.execute(cur, {"uid": rec.series_uid}).fetchone()
+        if found is not None:
+            self._series_pk.put(rec.series_uid, found[0])
+            return int(found[0]), False
+        pk = self._sql.insert(
+            cur,
+            series,
             {
                 **rec.series,
                 "study_pk": study_pk,
@@ -257,21 +285,21 @@ class InstanceIndex:
                 "created_at": now,
                 "updated_at": now,
             },
-        ).inserted_primary_key[0]
+        )
         for request in rec.requests:
-            conn.execute(_INSERT_REQUEST, {**request, "series_pk": pk})
+            self._sql.insert(cur, series_requests, {**request, "series_pk": pk})
         modality = rec.series.get("modality")
         if modality:
-            # Read under the write lock, not from the cache: another process may have added one.
-            current = conn.execute(_GET_MODALITIES, {"b_pk": study_pk}).scalar()
+            # Read under the write lock, not from a cache: another process may have added one.
+            current = self._sql.get_modalities.execute(cur, {"b_pk": study_pk}).fetchone()[0]
             modalities = set(filter(None, (current or "").split("\\")))
             if modality not in modalities:
                 modalities.add(modality)
-                conn.execute(
-                    _SET_MODALITIES, {"b_pk": study_pk, "b_mod": "\\".join(sorted(modalities))}
+                self._sql.set_modalities.execute(
+                    cur, {"b_pk": study_pk, "b_mod": "\\".join(sorted(modalities))}
                 )
         self._series_pk.put(rec.series_uid, pk)
-        return int(pk), True
+        return pk, True
 
     def _delete_instance(self, conn: Connection, instance_pk: int, now: dt.datetime) -> None:
         """Remove one instance row, fix counts, drop a series/study/patient left empty."""
