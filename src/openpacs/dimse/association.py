@@ -563,10 +563,9 @@ class Association:
         pdus = pdu.fragment(context_id, True, command_bytes, self.peer_max_pdu)
         if dataset is not None:
             pdus.extend(pdu.fragment(context_id, False, dataset, self.peer_max_pdu))
-        self.sock.sendall(b"".join(pdus) if len(pdus) < 64 else pdus[0])
-        if len(pdus) >= 64:
-            for item in pdus[1:]:
-                self.sock.sendall(item)
+        # one send for a small message; a large data set goes out PDU by PDU
+        for start in range(0, len(pdus), 64):
+            self.sock.sendall(b"".join(pdus[start : start + 64]))
 
     def send_response(
         self,
