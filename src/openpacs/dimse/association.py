@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAcPdu
@@ -56,6 +58,15 @@ class PresentationContext:
     transfer_syntax: str
     as_scu: bool  # we may act as SCU on this context (send requests)
     as_scp: bool  # we act as SCP (receive requests)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A data set to send that lives in a file: *length* bytes from *offset* of *path*."""
+
+    path: Path
+    offset: int
+    length: int
 
 
 class DatasetSink(Protocol):
@@ -133,6 +144,8 @@ class Association:
         self.peer_implementation = ""
         self.contexts: dict[int, PresentationContext] = {}
         self.messages = 0
+        self._backlog: list[Message] = []  # requests that arrived while we awaited a response
+        self._cancelled: set[int] = set()  # message ids the peer sent C-CANCEL-RQ for
         self._has_slot = False
         self._next_message_id = 1
         self.started = time.monotonic()
@@ -369,10 +382,21 @@ class Association:
 
     # ------------------------------------------------------------------ message loop
     def _message_loop(self) -> None:
+        self.sock.settimeout(self.app.config.network_timeout)
+        try:
+            while True:
+                message = self._backlog.pop(0) if self._backlog else self._next_message(idle=True)
+                self._dispatch(message)
+        except _Release:
+            return
+
+    def _next_message(self, *, idle: bool) -> Message:
+        """Read PDUs until one whole DIMSE message has arrived (its data set streamed into the
+        sink the service chose). idle: between operations — wait in slices so that a stop
+        request is noticed, and give up after network_timeout. Handles A-RELEASE-RQ (raises
+        _Release) and A-ABORT (raises _Aborted)."""
         config = self.app.config
         reader = self.reader
-        sock = self.sock
-        sock.settimeout(config.network_timeout)
         stop = self.app.stopping
         max_pdu = config.max_pdu
         command_buf = bytearray()
@@ -382,8 +406,9 @@ class Association:
         try:
             while True:
                 if (
-                    reader.buffered() == 0
+                    idle
                     and command is None
+                    and not command_buf
                     and not reader.wait_readable(config.network_timeout, stop)
                 ):
                     if stop.is_set():
@@ -435,11 +460,11 @@ class Association:
                                 except cmd.CommandError as exc:
                                     raise pdu.ProtocolError(f"bad command set: {exc}") from exc
                                 command_buf = bytearray()
-                                if command.has_dataset:
-                                    sink = self._open_dataset(context, command)
-                                else:
-                                    self._dispatch(Message(context, command, None))
-                                    command, context = None, None
+                                if not command.has_dataset:
+                                    if remaining:
+                                        raise pdu.ProtocolError("PDVs after a complete message")
+                                    return Message(context, command, None)
+                                sink = self._open_dataset(context, command)
                         else:  # data set fragment
                             if command is None or context is None or sink is None:
                                 raise pdu.ProtocolError(
@@ -457,21 +482,21 @@ class Association:
                                 left -= len(chunk)
                                 sink.write(chunk)
                             if is_last:
+                                if remaining:
+                                    raise pdu.ProtocolError("PDVs after a complete message")
                                 sink.close()
-                                message = Message(context, command, sink)
-                                sink = None
-                                command, context = None, None
-                                self._dispatch(message)
+                                done, sink = sink, None
+                                return Message(context, command, done)
                 elif pdu_type == pdu.A_RELEASE_RQ:
                     reader.read(min(length, pdu.MAX_CONTROL_PDU))
-                    if command is not None:
+                    if command is not None or command_buf:
                         log.warning(
                             "association %s from %s released in the middle of a message",
                             self.calling_ae,
                             self.peer,
                         )
                     self._release_slot()
-                    sock.sendall(pdu.a_release_rp())
+                    self.sock.sendall(pdu.a_release_rp())
                     log.info(
                         "association released: %s -> %s from %s, %d messages in %.1f s",
                         self.calling_ae,
@@ -503,13 +528,13 @@ class Association:
                     raise pdu.ProtocolError(
                         f"unrecognised PDU type 0x{pdu_type:02X}", pdu.ABORT_UNRECOGNIZED_PDU
                     )
-        except _Release:
-            return
         finally:
             if sink is not None:
                 sink.discard()
 
     def _open_dataset(self, context: PresentationContext, command: cmd.Command) -> DatasetSink:
+        if command.field & 0x8000:
+            return MemorySink()  # a response to one of our requests
         service = self.app.service_for(command.field)
         if service is None:
             return MemorySink()
@@ -518,6 +543,8 @@ class Association:
     def _dispatch(self, message: Message) -> None:
         self.messages += 1
         command = message.command
+        if command.field == cmd.C_CANCEL_RQ:
+            return  # nothing of that message id is running (any more): PS3.7 9.3.2.3
         service = self.app.service_for(command.field)
         if service is None:
             log.warning(
@@ -547,11 +574,61 @@ class Association:
             return
         service.handle(self, message)
 
+    # ------------------------------------------------------------------ requests we send
+    def request(
+        self,
+        context_id: int,
+        fields: Iterable[tuple[int, Any]],
+        dataset: bytes | DatasetSource | None = None,
+        *,
+        cancel_of: int | None = None,
+    ) -> Message:
+        """Send a request (C-STORE of a C-GET, N-EVENT-REPORT of a commitment) and wait for its
+        response. Requests the peer sends meanwhile wait in a backlog; a C-CANCEL-RQ for the
+        operation *cancel_of* is noted (see :meth:`cancelled`)."""
+        message_id = self.next_message_id()
+        self.send_message(context_id, [*fields, (cmd.MESSAGE_ID, message_id)], dataset)
+        while True:
+            message = self._next_message(idle=False)
+            command = message.command
+            if (
+                command.field & 0x8000
+                and command.get(cmd.MESSAGE_ID_BEING_RESPONDED_TO) == message_id
+            ):
+                return message
+            self._note(message, cancel_of)
+
+    def cancelled(self, message_id: int) -> bool:
+        """Whether the peer sent C-CANCEL-RQ for *message_id* (PS3.7 9.1.5): checked between the
+        responses of a C-FIND and the sub-operations of a C-MOVE or C-GET."""
+        if message_id in self._cancelled:
+            return True
+        while self.reader.buffered() or select.select([self.sock], [], [], 0)[0]:
+            self._note(self._next_message(idle=False), message_id)
+        return message_id in self._cancelled
+
+    def _note(self, message: Message, cancel_of: int | None) -> None:
+        command = message.command
+        if command.field == cmd.C_CANCEL_RQ:
+            target = command.get(cmd.MESSAGE_ID_BEING_RESPONDED_TO)
+            if target is not None:
+                self._cancelled.add(target)
+            return
+        if command.field & 0x8000:
+            log.warning("association %s from %s: unexpected %s ignored",
+                        self.calling_ae, self.peer, command.name)  # fmt: skip
+            return
+        self._backlog.append(message)
+
     # ------------------------------------------------------------------ sending
     def send_message(
-        self, context_id: int, fields: Iterable[tuple[int, Any]], dataset: bytes | None = None
+        self,
+        context_id: int,
+        fields: Iterable[tuple[int, Any]],
+        dataset: bytes | DatasetSource | None = None,
     ) -> None:
-        """Send one DIMSE message (command, and data set if given) on *context_id*."""
+        """Send one DIMSE message (command, and data set if given) on *context_id*; a data set
+        in a file is streamed from it, never held in memory whole."""
         fields = list(fields)
         fields.append(
             (
@@ -561,9 +638,24 @@ class Association:
         )
         command_bytes = cmd.encode_command(fields)
         pdus = pdu.fragment(context_id, True, command_bytes, self.peer_max_pdu)
+        if isinstance(dataset, DatasetSource):
+            self.sock.sendall(b"".join(pdus))
+            piece = min((self.peer_max_pdu or (1 << 20)) - 6, 1 << 20)
+            with open(dataset.path, "rb") as fh:
+                fh.seek(dataset.offset)
+                left = dataset.length
+                if left == 0:
+                    self.sock.sendall(pdu.p_data_tf(context_id, False, True, b""))
+                while left > 0:
+                    chunk = fh.read(min(piece, left))
+                    if not chunk:
+                        raise OSError(f"{dataset.path} ended early")
+                    left -= len(chunk)
+                    self.sock.sendall(pdu.p_data_tf(context_id, False, left == 0, chunk))
+            return
         if dataset is not None:
             pdus.extend(pdu.fragment(context_id, False, dataset, self.peer_max_pdu))
-        # one send for a small message; a large data set goes out PDU by PDU
+        # one send for a small message; a large data set goes out in batches of PDUs
         for start in range(0, len(pdus), 64):
             self.sock.sendall(b"".join(pdus[start : start + 64]))
 
