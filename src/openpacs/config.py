@@ -139,6 +139,20 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class QueryConfig:
+    # More matches than this: the query is refused with a failure status naming the limit
+    # (never silently empty or truncated — unlike seed 002's hit limit).
+    max_results: int = 1000
+
+
+@dataclass(frozen=True)
+class StorageCommitmentConfig:
+    # Report on the requesting association when it is still open (seed 002's default); when
+    # false, or when it has closed, on a new association to the requester from [[remote]].
+    same_association: bool = True
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -160,6 +174,8 @@ class Config:
     dicom: DicomConfig = field(default_factory=DicomConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    storage_commitment: StorageCommitmentConfig = field(default_factory=StorageCommitmentConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     hl7: Hl7Config = field(default_factory=Hl7Config)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -295,7 +311,16 @@ def parse_config(
     raw: dict[str, Any], *, base: Path = Path("."), source: Path | None = None
 ) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
-    _check_keys(raw, {"dicom", "storage", "index", "http", "hl7", "logging", "remote"}, "config")
+    _check_keys(
+        raw,
+        {"dicom", "storage", "index", "query", "storage_commitment", "http", "hl7", "logging",
+         "remote"},
+        "config",
+    )  # fmt: skip
+    commit_raw = _section(raw, "storage_commitment")
+    _check_keys(commit_raw, {"same_association"}, "storage_commitment")
+    query_raw = _section(raw, "query")
+    _check_keys(query_raw, {"max_results"}, "query")
     index_raw = _section(raw, "index")
     _check_keys(index_raw, {"url", "busy_timeout"}, "index")
     http_raw = _section(raw, "http")
@@ -323,6 +348,16 @@ def parse_config(
         hl7=Hl7Config(
             host=_host(hl7_raw.get("host", Hl7Config.host), "hl7.host"),
             port=_port(hl7_raw.get("port", Hl7Config.port), "hl7.port"),
+        ),
+        query=QueryConfig(
+            max_results=_int_range(
+                query_raw.get("max_results", QueryConfig.max_results), "query.max_results", 1, 10**7
+            )
+        ),
+        storage_commitment=StorageCommitmentConfig(
+            same_association=_bool(
+                commit_raw.get("same_association", True), "storage_commitment.same_association"
+            )
         ),
         logging=LoggingConfig(level=level),
         remotes=_remotes(raw.get("remote")),

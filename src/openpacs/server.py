@@ -27,12 +27,20 @@ import time
 from types import FrameType
 
 from openpacs.config import Config
-from openpacs.dicom.sopclasses import STORAGE_SOP_CLASSES, VERIFICATION
+from openpacs.dicom.sopclasses import STORAGE_COMMITMENT_PUSH, STORAGE_SOP_CLASSES, VERIFICATION
 from openpacs.dicom.transfer_syntaxes import COMMAND_TRANSFER_SYNTAXES, STORAGE_TRANSFER_SYNTAXES
 from openpacs.dimse import commands as cmd
+from openpacs.dimse.commitment_scp import CommitmentScp, deliver_report
+from openpacs.dimse.qr_scp import FindService, GetService, MoveService
 from openpacs.dimse.server import DimseApplication, DimseServer, SharedCounter, bind_listener
 from openpacs.dimse.storage_scp import StorageService, VerificationService
 from openpacs.services.archive import Archive
+from openpacs.services.commitment import JOB_KIND as COMMITMENT_JOB
+from openpacs.services.commitment import CommitmentService
+from openpacs.services.jobs import JobQueue, JobRunner
+from openpacs.services.query import MODEL_BY_SOP_CLASS, QueryService
+
+QUERY_RETRIEVE_SOP_CLASSES = tuple(MODEL_BY_SOP_CLASS)
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +55,28 @@ def build_dimse(
 ) -> DimseApplication:
     app = DimseApplication(config.dicom, config.remotes, slots=slots, pending=pending)
     app.add_contexts([VERIFICATION], COMMAND_TRANSFER_SYNTAXES)
-    app.add_contexts(STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES)
+    # Storage: we accept the SCU role too when asked (C-GET sub-operations, PS3.4 C.4.3).
+    app.add_contexts(STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    app.add_contexts(QUERY_RETRIEVE_SOP_CLASSES, COMMAND_TRANSFER_SYNTAXES)
+    app.add_contexts([STORAGE_COMMITMENT_PUSH], COMMAND_TRANSFER_SYNTAXES)
+    query = QueryService(archive.engine, config.dicom.ae_title, config.query.max_results)
+    jobs = JobQueue(archive.engine, archive.writer)
+    commitment = CommitmentService(archive.engine, jobs)
     app.add_service(cmd.C_ECHO_RQ, VerificationService())
     app.add_service(cmd.C_STORE_RQ, StorageService(archive))
+    app.add_service(cmd.C_FIND_RQ, FindService(query))
+    app.add_service(cmd.C_MOVE_RQ, MoveService(config, archive, query))
+    app.add_service(cmd.C_GET_RQ, GetService(config, archive, query))
+    app.add_service(cmd.N_ACTION_RQ, CommitmentScp(config, commitment, jobs))
     return app
+
+
+def start_jobs(config: Config, archive: Archive) -> JobRunner:
+    """The durable-job runner (one process of the server runs it)."""
+    runner = JobRunner(JobQueue(archive.engine, archive.writer))
+    runner.register(COMMITMENT_JOB, lambda job: deliver_report(config, job))
+    runner.start()
+    return runner
 
 
 def worker_count(config: Config) -> int:
@@ -107,10 +133,12 @@ class Server:
             build_dimse(self.config, archive, self._slots, self._pending), self._sock
         )
         dimse.start()
+        runner = start_jobs(self.config, archive)
         self._ready("1 process")
         while not self._stop.wait(1.0):
             pass
         dimse.stop()
+        runner.stop()
         archive.close(clean=True)
 
     # ------------------------------------------------------------------ workers
@@ -182,11 +210,14 @@ class Server:
             build_dimse(self.config, archive, self._slots, self._pending), self._sock
         )
         dimse.start()
+        runner = start_jobs(self.config, archive) if number == 1 else None
         log.info("worker %d (pid %d) accepting", number, os.getpid())
         while not stop.wait(1.0):
             if os.getppid() == 1:
                 break  # orphaned: the master is gone
         dimse.stop()
+        if runner is not None:
+            runner.stop()
         archive.close(clean=True)
 
 

@@ -126,7 +126,9 @@ def test_crash_leftovers_are_reindexed_or_removed(make_server) -> None:
     srv.kill()
     (stored,) = stored_instance_files(srv.data_dir, keep.SOPInstanceUID)
     token = stored.name[:8]  # the blob-key prefix of the worker that stored it
-    assert any(json.loads(f.read_text())["token"] == token for f in (srv.data_dir / "run").glob("*.json"))
+    assert any(
+        json.loads(f.read_text())["token"] == token for f in (srv.data_dir / "run").glob("*.json")
+    )
     hour_dir = stored.parent
     # a complete instance the index never heard of, written by the dead process
     lost = make_image(seed=2)

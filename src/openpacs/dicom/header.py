@@ -734,6 +734,12 @@ def _read_meta(buf: Buffer) -> FileMeta:
     )
 
 
+def file_meta(buf: Buffer) -> FileMeta:
+    """Only the File Meta Information of a Part 10 file (e.g. to find where its data set
+    starts); raises DatasetFormatError when there is none."""
+    return _read_meta(_as_buffer(buf))
+
+
 def scan_part10(
     buf: Buffer, wanted: frozenset[int] | set[int] = INDEX_TAGS
 ) -> tuple[FileMeta, ScannedHeader]:

@@ -59,7 +59,18 @@ patients = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),
 )
-Index("ix_patients_name_norm", patients.c.patient_name_norm)
+# text_pattern_ops: on PostgreSQL (non-C collations) a plain btree serves only "=", not the
+# prefix LIKE that wild cards become; SQLite ignores the option.
+Index(
+    "ix_patients_name_norm",
+    patients.c.patient_name_norm,
+    postgresql_ops={"patient_name_norm": "text_pattern_ops"},
+)
+Index(
+    "ix_patients_patient_id",
+    patients.c.patient_id,
+    postgresql_ops={"patient_id": "text_pattern_ops"},
+)
 
 studies = Table(
     "studies",
@@ -88,7 +99,11 @@ studies = Table(
 Index("ix_studies_patient", studies.c.patient_pk)
 Index("ix_studies_date", studies.c.study_date)
 Index("ix_studies_datetime", studies.c.study_datetime)
-Index("ix_studies_accession", studies.c.accession_number)
+Index(
+    "ix_studies_accession",
+    studies.c.accession_number,
+    postgresql_ops={"accession_number": "text_pattern_ops"},
+)
 Index("ix_studies_study_id", studies.c.study_id)
 
 series = Table(
@@ -154,3 +169,24 @@ instances = Table(
 )
 Index("ix_instances_series", instances.c.series_pk)
 Index("ix_instances_sop_uid", instances.c.sop_uid)
+
+# Durable background work: storage commitment reports, later C-MOVE forwards and MPPS relays.
+# A job is retried with backoff until done; a crash leaves it to be claimed again.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),
+    Column("reference", String(64)),  # e.g. the Transaction UID
+    Column("target", String(64)),  # e.g. the AE title to deliver to
+    Column("payload", Text, nullable=False),  # JSON
+    Column("state", String(16), nullable=False),  # pending | running | done | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("claimed_until", DateTime(timezone=True)),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_jobs_due", jobs.c.state, jobs.c.next_attempt_at)
+Index("ix_jobs_reference", jobs.c.kind, jobs.c.reference)
