@@ -320,35 +320,50 @@ def test_too_many_matches_is_an_explicit_failure(tmp_path: Path) -> None:
 
 
 def test_c_cancel_stops_a_find(tmp_path: Path) -> None:
+    """C-CANCEL-RQ sent right behind the C-FIND-RQ (both encoded by pynetdicom): the SCP sees it
+    before its first pending response and ends with FE00 (PS3.7 9.1.2.1.5)."""
+    import io
+
+    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_FIND_RQ
+    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND
+    from pynetdicom.pdu import P_DATA_TF
+    from support import RawScu, encode_dataset
+
     srv = ServerProcess(tmp_path / "srv").start()
     try:
-        datasets = [
-            make_image(seed=i, patient_id=f"P{i:04d}", patient_name=f"Many^P{i:04d}")
-            for i in range(300)
-        ]
+        datasets = [make_image(seed=i, patient_id=f"P{i:04d}", patient_name=f"Many^P{i:04d}") for i in range(50)]
         assert set(store_datasets(srv.port, datasets)) == {(0, None)}
-        ae = AE(ae_title="CANCELSCU")
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = ae.associate("127.0.0.1", srv.port, ae_title="OPENPACS")
+        scu = RawScu(srv.port, [(StudyRootQueryRetrieveInformationModelFind, ["1.2.840.10008.1.2"])])
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
         identifier.PatientName = "Many*"
         identifier.StudyInstanceUID = ""
+        find = C_FIND()
+        find.MessageID = 7
+        find.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+        find.Priority = 2
+        find.Identifier = io.BytesIO(encode_dataset(identifier, implicit=True))
+        cancel = C_CANCEL()
+        cancel.MessageIDBeingRespondedTo = 7
+        raw = b""
+        for primitive, message_cls in ((find, C_FIND_RQ), (cancel, C_CANCEL_RQ)):
+            message = message_cls()
+            message.primitive_to_message(primitive)
+            for p_data in message.encode_msg(1, 16384):
+                pdu = P_DATA_TF()
+                pdu.from_primitive(p_data)
+                raw += pdu.encode()
+        scu.sock.sendall(raw)  # both in one write
         statuses = []
-        for status, _ in assoc.send_c_find(
-            identifier, StudyRootQueryRetrieveInformationModelFind, msg_id=7
-        ):
-            statuses.append(int(status.Status))
-            if len(statuses) == 1:
-                cx = next(
-                    c
-                    for c in assoc.accepted_contexts
-                    if c.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
-                )
-                assoc.send_c_cancel(7, cx.context_id)
-        assoc.release()
-        assert statuses[-1] == 0xFE00, statuses[-5:]
-        assert len(statuses) < 301
+        while True:
+            rsp = scu.read_response()
+            statuses.append(int(rsp.Status))
+            if rsp.Status not in (0xFF00, 0xFF01):
+                break
+        scu.release()
+        assert statuses[-1] == 0xFE00, statuses
+        assert len(statuses) < 51
+        assert "cancelled" in srv.log()
     finally:
         srv.stop()
 

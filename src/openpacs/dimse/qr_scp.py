@@ -91,7 +91,7 @@ class FindService:
             if model is None and identifier is not None:
                 assoc.send_response(message, 0x0211, "Not a Query/Retrieve FIND SOP Class")
             return
-        ts = message.context.transfer_syntax
+        implicit = message.context.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
         message_id = message.command.message_id or 0
         count = 0
         started = time.monotonic()
@@ -103,7 +103,7 @@ class FindService:
                     assoc.send_response(message, CANCELLED, "Cancelled by C-CANCEL")
                     log.info("C-FIND from %s cancelled after %d matches", assoc.calling_ae, count)
                     return
-                assoc.send_response(message, pending, dataset=encode_identifier(match, ts))
+                assoc.send_response(message, pending, dataset=match.encode(implicit))
                 count += 1
         except QueryRefused as exc:
             log.warning(

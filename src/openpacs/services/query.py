@@ -26,6 +26,7 @@ from sqlalchemy import Engine, Select, and_, exists, func, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from openpacs.dicom import matching
+from openpacs.dicom.identifier import Identifier
 from openpacs.dicom.matching import Constraint, MatchKind, QueryError
 from openpacs.dicom.transfer_syntaxes import EXPLICIT_VR_BIG_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from openpacs.index.schema import instances, patients, series, series_requests, studies
@@ -320,7 +321,7 @@ class QueryService:
                 return lvl
         return None
 
-    def find(self, request: FindRequest, today: str | None = None) -> Iterator[Dataset]:
+    def find(self, request: FindRequest, today: str | None = None) -> Iterator[Identifier]:
         """Response identifiers, one per match. Raises TooManyMatches before yielding anything
         when the match count exceeds max_results."""
         level = request.level
@@ -409,7 +410,7 @@ class QueryService:
             return Dataset()
         return parse_raw_attrs(row[0], row[1])
 
-    def _responses(self, request: FindRequest, pks: Sequence[int]) -> Iterator[Dataset]:
+    def _responses(self, request: FindRequest, pks: Sequence[int]) -> Iterator[Identifier]:
         level = request.level
         allowed = set(_ancestor_levels(request.model, level))
         wanted = [
@@ -455,8 +456,8 @@ class QueryService:
         raw: dict[int, Dataset],
         wanted: list[DataElement],
         allowed: set[Level],
-    ) -> Dataset:
-        out = Dataset()
+    ) -> Identifier:
+        out = Identifier()
         non_ascii = False
         for elem in wanted:
             tag = int(elem.tag)
@@ -465,23 +466,19 @@ class QueryService:
             if tag == SPECIFIC_CHARACTER_SET:
                 continue
             if tag == RETRIEVE_AE_TITLE:
-                out.add_new(tag, "AE", self.ae_title)
+                out.add(tag, "AE", self.ae_title)
                 continue
             if tag == INSTANCE_AVAILABILITY:
-                out.add_new(tag, "CS", "ONLINE")
+                out.add(tag, "CS", "ONLINE")
                 continue
             if name in row:
                 value = row[name]
-                if value is None:
-                    out.add_new(tag, vr, None)
-                elif vr in BINARY_INT_VRS:
-                    out.add_new(tag, vr, int(value))
-                elif vr in ("FL", "FD"):
-                    out.add_new(tag, vr, float(value))
+                if value is None or vr in BINARY_INT_VRS or vr in ("FL", "FD"):
+                    out.add(tag, vr, value)
                 else:
                     text = str(value)
                     non_ascii = non_ascii or not text.isascii()
-                    out.add_new(tag, vr, text.split("\\") if "\\" in text else text)
+                    out.add(tag, vr, text.split("\\") if "\\" in text else text)
                 continue
             found = None
             for ds in raw.values():
@@ -489,18 +486,19 @@ class QueryService:
                     found = ds[tag]
                     break
             if found is not None:
-                out.add(found)
+                out.add_element(found)
                 non_ascii = True  # may hold text in the stored character set
             else:
-                out.add_new(tag, vr, [] if vr == "SQ" else None)
-        out.QueryRetrieveLevel = request.level.name
+                out.add(tag, vr, None)
+        out.add(QUERY_RETRIEVE_LEVEL, "CS", request.level.name)
         if RETRIEVE_AE_TITLE not in out:
-            out.RetrieveAETitle = self.ae_title
+            out.add(RETRIEVE_AE_TITLE, "AE", self.ae_title)
         charset = row["_charset"]
-        if non_ascii and charset:
-            out.SpecificCharacterSet = charset.split("\\") if "\\" in charset else charset
-        elif non_ascii:
-            out.SpecificCharacterSet = "ISO_IR 192"
+        if non_ascii:
+            # the stored data's own character set can encode what came from it
+            out.charset = (
+                (charset.split("\\") if "\\" in charset else charset) if charset else "ISO_IR 192"
+            )
         return out
 
     # ------------------------------------------------------------------ C-MOVE / C-GET
