@@ -639,19 +639,29 @@ class Association:
         command_bytes = cmd.encode_command(fields)
         pdus = pdu.fragment(context_id, True, command_bytes, self.peer_max_pdu)
         if isinstance(dataset, DatasetSource):
-            self.sock.sendall(b"".join(pdus))
+            # read ~1 MiB at a time, cut it into PDUs of the peer's size, one send per read
             piece = min((self.peer_max_pdu or (1 << 20)) - 6, 1 << 20)
+            block = max(piece, (1 << 20) // piece * piece)
+            out = [b"".join(pdus)]
             with open(dataset.path, "rb") as fh:
                 fh.seek(dataset.offset)
                 left = dataset.length
                 if left == 0:
-                    self.sock.sendall(pdu.p_data_tf(context_id, False, True, b""))
+                    out.append(pdu.p_data_tf(context_id, False, True, b""))
                 while left > 0:
-                    chunk = fh.read(min(piece, left))
+                    chunk = fh.read(min(block, left))
                     if not chunk:
                         raise OSError(f"{dataset.path} ended early")
                     left -= len(chunk)
-                    self.sock.sendall(pdu.p_data_tf(context_id, False, left == 0, chunk))
+                    view = memoryview(chunk)
+                    for start in range(0, len(view), piece):
+                        part = view[start : start + piece]
+                        last = left == 0 and start + piece >= len(view)
+                        out.append(pdu.p_data_tf(context_id, False, last, part))
+                    self.sock.sendall(b"".join(out))
+                    out = []
+            if out:
+                self.sock.sendall(b"".join(out))
             return
         if dataset is not None:
             pdus.extend(pdu.fragment(context_id, False, dataset, self.peer_max_pdu))

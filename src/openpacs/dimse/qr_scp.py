@@ -181,10 +181,11 @@ def _final(assoc: Association, message: Message, counts: _Counts, ts: str, what:
 
 def _stored_dataset(archive: Archive, item: RetrieveItem) -> DatasetSource:
     path = archive.blobs.path(item.blob_key)
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    meta = file_meta(head)
-    return DatasetSource(path, meta.dataset_offset, item.size - meta.dataset_offset)
+    offset = item.dataset_offset
+    if offset is None:  # not recorded: read the File Meta Information
+        with open(path, "rb") as fh:
+            offset = file_meta(fh.read(1 << 16)).dataset_offset
+    return DatasetSource(path, offset, item.size - offset)
 
 
 def _pick_context(

@@ -154,6 +154,7 @@ instances = Table(
     Column("transfer_syntax", String(64), nullable=False),
     Column("blob_key", String(64), nullable=False, unique=True),
     Column("size", BigInteger, nullable=False),
+    Column("dataset_offset", Integer),  # where the data set starts in the blob (after the meta)
     Column("calling_ae", String(16)),
     Column("content_date", String(8)),
     Column("content_time", String(6)),

@@ -275,6 +275,7 @@ class Archive:
         try:
             meta, header = scan_part10(view)
             record = build_record(header, meta.transfer_syntax)
+            record.instance["dataset_offset"] = meta.dataset_offset
             outcome = self.index.store(record, key, size, None, self.policy, True).result()
         except (DatasetFormatError, MissingElement) as exc:
             log.warning("recovery: blob %s is not a complete instance (%s); removed", key, exc)
@@ -334,6 +335,7 @@ class Archive:
                 if blob is None
                 else (lambda: blob),
                 drop_blob=incoming.discard,
+                dataset_offset=len(incoming.meta),
             )
             del dataset
             return result
@@ -358,6 +360,7 @@ class Archive:
         via: str,
         write_blob: Callable[[], BlobWriter],
         drop_blob: Callable[[], None],
+        dataset_offset: int,
         header: ScannedHeader | None = None,
     ) -> StoreResult:
         sop_uid = expected_instance
@@ -366,6 +369,7 @@ class Archive:
                 header if header is not None else scan_dataset(dataset, transfer_syntax, INDEX_TAGS)
             )
             record = build_record(scanned, transfer_syntax)
+            record.instance["dataset_offset"] = dataset_offset
         except DatasetFormatError as exc:
             drop_blob()
             return self._refuse(
@@ -613,6 +617,7 @@ class Archive:
                 write_blob=copy_blob,
                 drop_blob=lambda: None,
                 header=header,
+                dataset_offset=len(prefix) + offset,
             )
         finally:
             with contextlib.suppress(BufferError):

@@ -198,6 +198,7 @@ class RetrieveItem:
     transfer_syntax: str
     blob_key: str
     size: int
+    dataset_offset: int | None
 
 
 def read_identifier(data: bytes, transfer_syntax: str) -> Dataset:
@@ -528,6 +529,7 @@ class QueryService:
                 instances.c.transfer_syntax,
                 instances.c.blob_key,
                 instances.c.size,
+                instances.c.dataset_offset,
             )
             .select_from(
                 instances.join(series, series.c.pk == instances.c.series_pk)
