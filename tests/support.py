@@ -486,3 +486,35 @@ def store_pdus(ds: Dataset, context_id: int = 1) -> list[bytes]:
         pdu.from_primitive(p_data)
         out.append(pdu.encode())
     return out
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1/postgres"
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server, dropped afterwards; yields its URL.
+    Skips when no server answers — fails under CI=true, which must test PostgreSQL."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect():
+            pass
+    except Exception:
+        admin.dispose()
+        if CI:
+            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required in CI")
+        pytest.skip("PostgreSQL not reachable")
+    name = f"openpacs_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

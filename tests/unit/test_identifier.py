@@ -42,7 +42,9 @@ def _sample(charset: str | list[str] | None, name: str) -> Identifier:
         ("ISO_IR 144", "Люкceмбypг^Иван"),
     ],
 )
-def test_pydicom_reads_back_what_we_encode(implicit: bool, charset: str | list[str] | None, name: str) -> None:
+def test_pydicom_reads_back_what_we_encode(
+    implicit: bool, charset: str | list[str] | None, name: str
+) -> None:
     ident = _sample(charset, name)
     raw = ident.encode(implicit)
     assert len(raw) % 2 == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from support import CI, make_image
+from support import make_image, postgres_database
 
 from openpacs.dicom.header import INDEX_TAGS, scan_dataset
 from openpacs.index import db
@@ -26,49 +27,20 @@ from openpacs.index.instances import (
 from openpacs.index.schema import instances, patients, series, series_requests, studies
 from openpacs.services.records import build_record
 
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1/postgres"
-
-
-def _pg_available() -> bool:
-    try:
-        engine = sa.create_engine(PG_ADMIN_URL)
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except Exception:
-        return False
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[InstanceIndex]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
-        cleanup = None
-    else:
-        if not _pg_available():
-            if CI:
-                pytest.fail("PostgreSQL at 127.0.0.1:5432 is required in CI")
-            pytest.skip("PostgreSQL not reachable")
-        name = f"openpacs_test_{uuid.uuid4().hex[:12]}"
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        url = f"postgresql+psycopg://postgres@127.0.0.1/{name}"
-
-        def cleanup() -> None:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            admin.dispose()
-
-    engine = db.make_engine(url)
-    db.create_schema(engine)
-    writer = db.IndexWriter(engine)
-    yield InstanceIndex(engine, writer)
-    writer.close()
-    engine.dispose()
-    if cleanup:
-        cleanup()
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+        else:
+            url = stack.enter_context(postgres_database())
+        engine = db.make_engine(url)
+        db.create_schema(engine)
+        writer = db.IndexWriter(engine)
+        yield InstanceIndex(engine, writer)
+        writer.close()
+        engine.dispose()
 
 
 def record_of(**kwargs: object):  # type: ignore[no-untyped-def]

@@ -3,9 +3,9 @@ and the SQL translation checked row by row against the Python matcher on SQLite 
 
 from __future__ import annotations
 
+import contextlib
 import io
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from support import CI
+from support import postgres_database
 
 from openpacs.dicom.matching import (
     Constraint,
@@ -34,7 +34,6 @@ from openpacs.index.db import make_engine
 from openpacs.services.records import normalize_date, normalize_time
 
 CHARSET_FILES = Path(pydicom.__file__).parent / "data" / "charset_files"
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1/postgres"
 
 PATIENT_NAME = 0x00100010
 ACCESSION = 0x00080050
@@ -911,47 +910,18 @@ def _db_row(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _pg_available() -> bool:
-    try:
-        engine = sa.create_engine(PG_ADMIN_URL)
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
-    cleanup: Callable[[], None] | None = None
-    if request.param == "sqlite":
-        eng = sa.create_engine("sqlite://")
-    else:
-        if not _pg_available():
-            if CI:
-                pytest.fail("PostgreSQL at 127.0.0.1:5432 is required in CI")
-            pytest.skip("PostgreSQL not reachable")
-        name = f"openpacs_test_{uuid.uuid4().hex[:12]}"
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        eng = sa.create_engine(f"postgresql+psycopg://postgres@127.0.0.1/{name}")
-
-        def drop() -> None:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            admin.dispose()
-
-        cleanup = drop
-
-    metadata.create_all(eng)
-    with eng.begin() as conn:
-        conn.execute(rows_table.insert(), [_db_row(r) for r in _rows()])
-    yield eng
-    eng.dispose()
-    if cleanup is not None:
-        cleanup()
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            eng = sa.create_engine("sqlite://")
+        else:
+            eng = sa.create_engine(stack.enter_context(postgres_database()))
+        metadata.create_all(eng)
+        with eng.begin() as conn:
+            conn.execute(rows_table.insert(), [_db_row(r) for r in _rows()])
+        yield eng
+        eng.dispose()
 
 
 # (key keyword, key value, column, multi_valued, raw field the Python matcher reads)

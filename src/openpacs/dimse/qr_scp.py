@@ -37,6 +37,7 @@ from openpacs.dimse.status import is_failure
 from openpacs.services.archive import Archive
 from openpacs.services.query import (
     MODEL_BY_SOP_CLASS,
+    Model,
     QueryRefused,
     QueryService,
     RetrieveItem,
@@ -65,32 +66,40 @@ def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
     return buf.getvalue()
 
 
-def _identifier(assoc: Association, message: Message, query: QueryService) -> Dataset | None:
-    sink = message.dataset
-    data = bytes(sink.data) if isinstance(sink, MemorySink) else b""
-    try:
-        return read_identifier(data, message.context.transfer_syntax)
-    except QueryRefused as exc:
-        assoc.send_response(message, exc.status, exc.comment)
-        return None
+class _QueryRetrieveService:
+    """What FIND, MOVE and GET share: the identifier as the data set, model from the context."""
 
-
-class FindService:
-    def __init__(self, query: QueryService) -> None:
-        self.query = query
+    query: QueryService
 
     def open_dataset(
         self, assoc: Association, context: PresentationContext, command: cmd.Command
     ) -> DatasetSink:
         return MemorySink(limit=1 << 20)
 
-    def handle(self, assoc: Association, message: Message) -> None:
+    def _request(self, assoc: Association, message: Message) -> tuple[Model, Dataset] | None:
+        """The information model and decoded identifier; None when a failure was answered."""
         model = MODEL_BY_SOP_CLASS.get(message.context.abstract_syntax)
-        identifier = _identifier(assoc, message, self.query)
-        if identifier is None or model is None:
-            if model is None and identifier is not None:
-                assoc.send_response(message, 0x0211, "Not a Query/Retrieve FIND SOP Class")
+        if model is None:
+            assoc.send_response(message, 0x0211, "Not a Query/Retrieve SOP Class")
+            return None
+        sink = message.dataset
+        data = bytes(sink.data) if isinstance(sink, MemorySink) else b""
+        try:
+            return model, read_identifier(data, message.context.transfer_syntax)
+        except QueryRefused as exc:
+            assoc.send_response(message, exc.status, exc.comment)
+            return None
+
+
+class FindService(_QueryRetrieveService):
+    def __init__(self, query: QueryService) -> None:
+        self.query = query
+
+    def handle(self, assoc: Association, message: Message) -> None:
+        request = self._request(assoc, message)
+        if request is None:
             return
+        model, identifier = request
         implicit = message.context.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
         message_id = message.command.message_id or 0
         count = 0
@@ -238,22 +247,17 @@ def _send_store(
     return int(response.command.get(cmd.STATUS, 0xC000))
 
 
-class MoveService:
+class MoveService(_QueryRetrieveService):
     def __init__(self, config: Config, archive: Archive, query: QueryService) -> None:
         self.config = config
         self.archive = archive
         self.query = query
 
-    def open_dataset(
-        self, assoc: Association, context: PresentationContext, command: cmd.Command
-    ) -> DatasetSink:
-        return MemorySink(limit=1 << 20)
-
     def handle(self, assoc: Association, message: Message) -> None:
-        model = MODEL_BY_SOP_CLASS.get(message.context.abstract_syntax)
-        identifier = _identifier(assoc, message, self.query)
-        if identifier is None or model is None:
+        request = self._request(assoc, message)
+        if request is None:
             return
+        model, identifier = request
         ts = message.context.transfer_syntax
         destination = str(message.command.get(cmd.MOVE_DESTINATION) or "").strip()
         remote = self.config.remote_by_ae(destination)
@@ -366,10 +370,10 @@ class GetService(MoveService):
     over the contexts where the requestor took the SCP role (PS3.4 C.4.3)."""
 
     def handle(self, assoc: Association, message: Message) -> None:
-        model = MODEL_BY_SOP_CLASS.get(message.context.abstract_syntax)
-        identifier = _identifier(assoc, message, self.query)
-        if identifier is None or model is None:
+        request = self._request(assoc, message)
+        if request is None:
             return
+        model, identifier = request
         ts = message.context.transfer_syntax
         try:
             items = self.query.retrieve_items(model, identifier)
