@@ -605,3 +605,85 @@ def test_pynetdicom_c_get_with_role_selection(archive) -> None:
     assert sorted(received) == sorted(
         d.SOPInstanceUID for d in datasets if d.StudyInstanceUID == study_uid
     )
+
+
+def _move_statuses(port: int, study_uid: str, dest: str = "DEST") -> list[Dataset]:
+    ae = AE(ae_title="MOVER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", port, ae_title="OPENPACS")
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    out = [s for s, _ in assoc.send_c_move(identifier, dest, StudyRootQueryRetrieveInformationModelMove)]
+    assoc.release()
+    return out
+
+
+def test_move_partial_failure_b000_and_nothing_generated_c000(tmp_path: Path) -> None:
+    """A stored object that cannot be read: B000 with the Failed SOP Instance UID List when
+    others went, C000 (seed 002 T3.76: objects failed to be generated) when none could."""
+    dest_port = free_port()
+    srv = ServerProcess(tmp_path / "srv", f'[[remote]]\nname="d"\nae_title="DEST"\nhost="127.0.0.1"\nport={dest_port}\n').start()
+    proc = _storescp(dest_port, tmp_path / "dest")
+    try:
+        study = generate_uid()
+        series = generate_uid()
+        datasets = [make_image(study_uid=study, series_uid=series, instance_number=i, seed=i) for i in range(3)]
+        assert store_datasets(srv.port, datasets) == [(0, None)] * 3
+        stored_instance_files(srv.data_dir, datasets[1].SOPInstanceUID)[0].unlink()
+        final = _move_statuses(srv.port, study)[-1]
+        assert int(final.Status) == 0xB000
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (2, 1)
+        for ds in datasets[::2]:
+            stored_instance_files(srv.data_dir, ds.SOPInstanceUID)[0].unlink()
+        final = _move_statuses(srv.port, study)[-1]
+        assert int(final.Status) == 0xC000
+        assert final.NumberOfFailedSuboperations == 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        srv.stop()
+
+
+def test_c_cancel_stops_a_move(archive, tmp_path: Path) -> None:
+    """C-CANCEL-RQ right behind the C-MOVE-RQ: no sub-operation is started, final FE00."""
+    import io
+
+    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_MOVE_RQ
+    from pynetdicom.dimse_primitives import C_CANCEL, C_MOVE
+    from pynetdicom.pdu import P_DATA_TF
+    from support import RawScu, encode_dataset
+
+    srv, datasets, dest_port = archive
+    proc = _storescp(dest_port, tmp_path / "dest")
+    try:
+        scu = RawScu(srv.port, [(StudyRootQueryRetrieveInformationModelMove, ["1.2.840.10008.1.2"])])
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = datasets[0].StudyInstanceUID
+        move = C_MOVE()
+        move.MessageID = 9
+        move.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelMove
+        move.Priority = 2
+        move.MoveDestination = "DEST"
+        move.Identifier = io.BytesIO(encode_dataset(identifier, implicit=True))
+        cancel = C_CANCEL()
+        cancel.MessageIDBeingRespondedTo = 9
+        raw = b""
+        for primitive, message_cls in ((move, C_MOVE_RQ), (cancel, C_CANCEL_RQ)):
+            message = message_cls()
+            message.primitive_to_message(primitive)
+            for p_data in message.encode_msg(1, 16384):
+                pdu = P_DATA_TF()
+                pdu.from_primitive(p_data)
+                raw += pdu.encode()
+        scu.sock.sendall(raw)
+        rsp = scu.read_response()
+        scu.release()
+        assert rsp.Status == 0xFE00
+        assert rsp.NumberOfCompletedSuboperations == 0
+        assert rsp.NumberOfRemainingSuboperations == 6
+        assert list((tmp_path / "dest").iterdir()) == []
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -639,7 +639,9 @@ class Association:
         command_bytes = cmd.encode_command(fields)
         pdus = pdu.fragment(context_id, True, command_bytes, self.peer_max_pdu)
         if isinstance(dataset, DatasetSource):
-            # read ~1 MiB at a time, cut it into PDUs of the peer's size, one send per read
+            # read ~1 MiB at a time, cut it into PDUs of the peer's size, one send per read;
+            # the file is opened before the command goes out (a missing file must not leave a
+            # command without its data set on the wire)
             piece = min((self.peer_max_pdu or (1 << 20)) - 6, 1 << 20)
             block = max(piece, (1 << 20) // piece * piece)
             out = [b"".join(pdus)]

@@ -54,6 +54,8 @@ UNABLE_TO_PROCESS = 0xC001  # seed 002 T3.76: the move destination refused the a
 MOVE_DESTINATION_UNKNOWN = 0xA801
 SUBOPS_FAILED = 0xA702
 SUBOPS_WARNING = 0xB000
+UNABLE_TO_GENERATE = 0xC000  # seed 002 T3.76: objects failed to be generated
+NOT_GENERATED = -1  # sub-operation outcome: the stored object could not be read/transcoded
 FAILED_SOP_INSTANCE_UID_LIST = 0x00080058
 PENDING_INTERVAL = 1.0  # seconds between C-MOVE/C-GET pending responses
 
@@ -141,6 +143,7 @@ class _Counts:
         self.failed = 0
         self.warning = 0
         self.failed_uids: list[str] = []
+        self.not_generated = 0
         self._last_pending = 0.0
 
     def fields(self, final: bool = False) -> list[tuple[int, int]]:
@@ -155,7 +158,9 @@ class _Counts:
 
     def record(self, uid: str, status: int | None) -> None:
         self.remaining -= 1
-        if status is None or is_failure(status):
+        if status == NOT_GENERATED:
+            self.not_generated += 1
+        if status is None or status == NOT_GENERATED or is_failure(status):
             self.failed += 1
             self.failed_uids.append(uid)
         elif status == 0:
@@ -172,14 +177,17 @@ class _Counts:
 
 
 def _final(assoc: Association, message: Message, counts: _Counts, ts: str, what: str) -> None:
-    """PS3.4 C.4.2.1.5: 0000 all done, B000 some failed, A702 all failed; the Failed SOP Instance
-    UID List in the identifier when anything failed."""
+    """PS3.4 C.4.2.1.5 / seed 002 T3.76: 0000 all done, B000 some failed, A702 all failed, C000
+    none could be generated; the Failed SOP Instance UID List when anything failed."""
     dataset = None
     if counts.failed:
         ds = Dataset()
         ds.FailedSOPInstanceUIDList = counts.failed_uids
         dataset = encode_identifier(ds, ts)
-    if counts.failed and not counts.completed and not counts.warning:
+    if counts.failed and counts.failed == counts.not_generated and not counts.completed:
+        # seed 002 T3.76: C000, the objects could not be generated (read/transcoded)
+        status, comment = UNABLE_TO_GENERATE, "The stored objects could not be read or converted"
+    elif counts.failed and not counts.completed and not counts.warning:
         status, comment = SUBOPS_FAILED, f"All {counts.failed} {what} sub-operations failed"
     elif counts.failed or counts.warning:
         status, comment = SUBOPS_WARNING, f"{counts.failed} of the {what} sub-operations failed"
@@ -190,6 +198,8 @@ def _final(assoc: Association, message: Message, counts: _Counts, ts: str, what:
 
 def _stored_dataset(archive: Archive, item: RetrieveItem) -> DatasetSource:
     path = archive.blobs.path(item.blob_key)
+    if path.stat().st_size != item.size:
+        raise OSError(f"blob {item.blob_key} is not the size the index recorded")
     offset = item.dataset_offset
     if offset is None:  # not recorded: read the File Meta Information
         with open(path, "rb") as fh:
@@ -220,8 +230,8 @@ def _send_store(
     extra: list[tuple[int, object]],
     cancel_of: int | None,
 ) -> int | None:
-    """One C-STORE sub-operation on *target*; the response status, or None when no context fits
-    or the instance could not be read/transcoded."""
+    """One C-STORE sub-operation on *target*; the response status, None when no context fits,
+    NOT_GENERATED when the stored instance could not be read or transcoded."""
     context, transcode = _pick_context([c for c in target.contexts.values() if c.as_scu], item)
     if context is None:
         log.warning("no accepted context for %s (%s)", item.sop_uid, item.sop_class_uid)
@@ -235,7 +245,7 @@ def _send_store(
             data = _stored_dataset(archive, item)
     except (OSError, DatasetFormatError, TranscodeError) as exc:
         log.error("cannot send %s: %s", item.sop_uid, exc)
-        return None
+        return NOT_GENERATED
     fields = [
         (cmd.COMMAND_FIELD, cmd.C_STORE_RQ),
         (cmd.AFFECTED_SOP_CLASS_UID, item.sop_class_uid),
