@@ -30,7 +30,15 @@ SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 
 def require_tool(name: str) -> str:
     """Path of an external tool; skip when missing, but fail under CI=true."""
-    path = shutil.which(name)
+    # pynetdicom installs its own echoscu/findscu/storescu... into the venv's bin: skip those, the
+    # interoperability tests mean DCMTK's tools.
+    venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))
+    search = os.pathsep.join(
+        d
+        for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+        if d and os.path.realpath(d) != venv_bin
+    )
+    path = shutil.which(name, path=search)
     if path is None:
         message = f"{name} is not installed (apt-get install -y dcmtk dicom3tools)"
         if CI:

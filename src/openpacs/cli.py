@@ -7,11 +7,13 @@ human output of each command. Must not: contain archive logic (it calls services
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from openpacs import __version__
 from openpacs.config import Config, ConfigError, apply_overrides, load_config
@@ -129,6 +131,127 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _ris(args: argparse.Namespace) -> Iterator[tuple[Config, Any, Any]]:
+    """The worklist and MPPS services on the configured index (for the CLI commands)."""
+    from openpacs.index import db
+    from openpacs.services.mpps import MppsService
+    from openpacs.services.worklist import WorklistService
+
+    config = _config_from(args)
+    _setup_logging(args.log_level or "WARNING")
+    config.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = db.make_engine(config.index_url, busy_timeout=config.index.busy_timeout)
+    db.create_schema(engine)
+    lock = config.storage.data_dir / "index.lock" if db.is_sqlite(engine) else None
+    writer = db.IndexWriter(engine, lock_path=lock)
+    worklist = WorklistService(engine, writer, config.query.max_results)
+    try:
+        yield config, worklist, MppsService(config, engine, writer, worklist)
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+def _code(text: str | None) -> tuple[Any, ...]:
+    """'VALUE^Meaning^SCHEME' → one Code (the HL7 CE order)."""
+    from openpacs.services.orders import Code
+
+    if not text:
+        return ()
+    value, meaning, scheme = ([*text.split("^"), "", ""])[:3]
+    return (Code(value=value, scheme=scheme or "L", meaning=meaning),)
+
+
+def cmd_worklist(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from openpacs.dicom.uids import generate_uid
+    from openpacs.services.orders import (
+        CancelOrder,
+        NewOrder,
+        OrderError,
+        Patient,
+        WorklistItem,
+    )
+
+    with _ris(args) as (_config, worklist, _mpps):
+        if args.action == "add":
+            try:
+                item = WorklistItem(
+                    patient=Patient(
+                        patient_id=args.patient_id,
+                        issuer=args.issuer or "",
+                        name=args.patient_name or "",
+                        birth_date=args.birth_date,
+                        sex=args.sex,
+                    ),
+                    accession_number=args.accession,
+                    requested_procedure_id=args.requested_procedure_id or args.accession,
+                    sps_id=args.sps_id or f"{args.accession}-1"[:16],
+                    study_uid=args.study_uid or generate_uid(),
+                    modality=args.modality,
+                    sps_start_date=args.date or dt.date.today().strftime("%Y%m%d"),
+                    sps_start_time=args.time or "000000",
+                    station_ae=args.station_ae,
+                    station_name=args.station_name,
+                    sps_description=args.description,
+                    requested_procedure_description=args.description,
+                    requested_procedure_codes=_code(args.procedure),
+                    protocol_codes=_code(args.procedure),
+                    referring_physician=args.referring_physician,
+                    priority=args.priority,
+                )
+                done = worklist.apply([NewOrder(item)], "cli")
+            except OrderError as exc:
+                print(f"openpacs: {exc}", file=sys.stderr)
+                return 2
+            print(f"{done[0]} (Study Instance UID {item.study_uid})")
+            return 0
+        if args.action == "cancel":
+            try:
+                done = worklist.apply([CancelOrder(None, None, args.accession)], "cli")
+            except OrderError as exc:
+                print(f"openpacs: {exc}", file=sys.stderr)
+                return 1
+            print(done[0])
+            return 0
+        rows = worklist.list(include_closed=args.all, date=args.date)
+        print(
+            f"{'ACCESSION':<16} {'SPS ID':<16} {'DATE':<8} {'TIME':<6} {'MOD':<4} "
+            f"{'STATION AE':<16} {'STATUS':<12} {'PATIENT ID':<16} PATIENT NAME"
+        )
+        for r in rows:
+            print(
+                f"{r.accession_number:<16} {(r.sps_id or ''):<16} {r.sps_start_date or '':<8} "
+                f"{r.sps_start_time or '':<6} {r.modality or '':<4} {(r.station_ae or ''):<16} "
+                f"{r.status:<12} {r.patient_id:<16} {r.patient_name or ''}"
+            )
+        print(f"{len(rows)} worklist items")
+        return 0
+
+
+def cmd_mpps(args: argparse.Namespace) -> int:
+    with _ris(args) as (_config, _worklist, mpps):
+        rows = mpps.list()
+    print(
+        f"{'STATUS':<13} {'STARTED':<15} {'MOD':<4} {'STATION AE':<16} {'ACCESSION':<16} "
+        f"{'IMAGES':>13}  SOP INSTANCE UID"
+    )
+    for r in rows:
+        referenced, stored = r["referenced"] or 0, r["stored"] or 0
+        complete = "complete" if referenced and stored == referenced else "missing"
+        images = f"{stored}/{referenced}" + ("" if not referenced else f" {complete}")
+        print(
+            f"{r['status']:<13} {(r['start_date'] or '') + ' ' + (r['start_time'] or ''):<15} "
+            f"{(r['modality'] or ''):<4} {(r['station_ae'] or ''):<16} "
+            f"{(r['accession_number'] or ''):<16} {images:>13}  {r['sop_uid']}"
+            f"{'' if r['scheduled'] else '  (unscheduled)'}"
+        )
+    print(f"{len(rows)} performed procedure steps")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openpacs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"openpacs {__version__}")
@@ -158,6 +281,43 @@ def build_parser() -> argparse.ArgumentParser:
     common(studies)
     studies.add_argument("--limit", type=int, default=None)
     studies.set_defaults(func=cmd_studies)
+    wl = sub.add_parser("worklist", help="the modality worklist: add, list, cancel items")
+    wl_sub = wl.add_subparsers(dest="action", required=True)
+    add = wl_sub.add_parser("add", help="schedule a procedure step")
+    list_ = wl_sub.add_parser("list", help="list scheduled steps")
+    cancel = wl_sub.add_parser("cancel", help="cancel an order (its steps leave the worklist)")
+    for p in (add, list_, cancel):
+        common(p)
+        p.set_defaults(func=cmd_worklist)
+    add.add_argument("--patient-id", required=True)
+    add.add_argument("--issuer", help="Issuer of Patient ID")
+    add.add_argument("--patient-name", help="DICOM form: Family^Given")
+    add.add_argument("--birth-date", help="YYYYMMDD")
+    add.add_argument("--sex", choices=["M", "F", "O"])
+    add.add_argument("--accession", required=True)
+    add.add_argument("--modality", required=True)
+    add.add_argument("--date", help="SPS start date YYYYMMDD (default today)")
+    add.add_argument("--time", help="SPS start time HHMM[SS]")
+    add.add_argument("--station-ae", help="Scheduled Station AE Title")
+    add.add_argument("--station-name")
+    add.add_argument("--description", help="procedure description")
+    add.add_argument("--procedure", help="procedure code VALUE^Meaning^SCHEME")
+    add.add_argument("--referring-physician")
+    add.add_argument(
+        "--priority", default="ROUTINE", choices=["STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW"]
+    )
+    add.add_argument("--study-uid", help="Study Instance UID (default: generated)")
+    add.add_argument("--requested-procedure-id")
+    add.add_argument("--sps-id")
+    list_.add_argument("--all", action="store_true", help="include completed and cancelled")
+    list_.add_argument("--date", help="only this SPS start date")
+    cancel.add_argument("accession")
+
+    mp = sub.add_parser("mpps", help="performed procedure steps")
+    mp_sub = mp.add_subparsers(dest="action", required=True)
+    mp_list = mp_sub.add_parser("list", help="state and completeness of each MPPS")
+    common(mp_list)
+    mp_list.set_defaults(func=cmd_mpps)
     return parser
 
 

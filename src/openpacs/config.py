@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,23 @@ class StorageCommitmentConfig:
 
 
 @dataclass(frozen=True)
+class WorklistConfig:
+    # Specific Character Set of worklist answers when every value fits in it (most modalities
+    # know ISO_IR 100, seed 000); answers that do not fit are sent in ISO_IR 192 (UTF-8).
+    character_set: str = "ISO_IR 100"
+
+
+MPPS_VERIFY_KEYS = ("", "study_uid", "accession_number", "requested_procedure_id")
+
+
+@dataclass(frozen=True)
+class MppsConfig:
+    # seed 001 §4.3.2.3: refuse (0110) an N-CREATE whose study the worklist does not know, by
+    # this key; "" accepts unscheduled steps.
+    verify_study: str = ""
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -162,6 +180,10 @@ class HttpConfig:
 class Hl7Config:
     host: str = "0.0.0.0"
     port: int = 2575
+    # site choices for the HL7 → worklist mapping (openpacs.hl7.messages.MappingOptions)
+    primary_issuer: str = ""
+    orm_station_ae_field: str = ""
+    default_coding_scheme: str = "L"
 
 
 @dataclass(frozen=True)
@@ -176,6 +198,9 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     storage_commitment: StorageCommitmentConfig = field(default_factory=StorageCommitmentConfig)
+    worklist: WorklistConfig = field(default_factory=WorklistConfig)
+    mpps: MppsConfig = field(default_factory=MppsConfig)
+    mpps_forward: tuple[RemoteNode, ...] = ()
     http: HttpConfig = field(default_factory=HttpConfig)
     hl7: Hl7Config = field(default_factory=Hl7Config)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -276,15 +301,15 @@ def _storage(raw: dict[str, Any], base: Path) -> StorageConfig:
     )
 
 
-def _remotes(raw: object) -> tuple[RemoteNode, ...]:
+def _remotes(raw: object, section: str = "remote") -> tuple[RemoteNode, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ConfigError("remote: must be an array of tables ([[remote]])")
+        raise ConfigError(f"{section}: must be an array of tables ([[{section}]])")
     remotes: list[RemoteNode] = []
     names: set[str] = set()
     for i, entry in enumerate(raw):
-        where = f"remote[{i}]"
+        where = f"{section}[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: must be a table")
         _check_keys(entry, {"name", "ae_title", "host", "port"}, where)
@@ -294,7 +319,7 @@ def _remotes(raw: object) -> tuple[RemoteNode, ...]:
         ae = validate_ae_title(entry["ae_title"], f"{where}.ae_title")
         name = _str(entry.get("name", ae), f"{where}.name")
         if name in names:
-            raise ConfigError(f"{where}.name: {name!r} is used by another [[remote]]")
+            raise ConfigError(f"{where}.name: {name!r} is used by another [[{section}]]")
         names.add(name)
         remotes.append(
             RemoteNode(
@@ -313,10 +338,25 @@ def parse_config(
     """Validate a parsed TOML document into a :class:`Config`."""
     _check_keys(
         raw,
-        {"dicom", "storage", "index", "query", "storage_commitment", "http", "hl7", "logging",
-         "remote"},
+        {"dicom", "storage", "index", "query", "storage_commitment", "worklist", "mpps",
+         "mpps_forward", "http", "hl7", "logging", "remote"},
         "config",
     )  # fmt: skip
+    worklist_raw = _section(raw, "worklist")
+    _check_keys(worklist_raw, {"character_set"}, "worklist")
+    charset = _str(worklist_raw.get("character_set", "ISO_IR 100"), "worklist.character_set")
+    if charset not in ("ISO_IR 100", "ISO_IR 192", "ISO_IR 6", ""):
+        raise ConfigError(
+            f"worklist.character_set: {charset!r} is not ISO_IR 100, ISO_IR 192 or ISO_IR 6"
+        )
+    mpps_raw = _section(raw, "mpps")
+    _check_keys(mpps_raw, {"verify_study"}, "mpps")
+    verify = _str(mpps_raw.get("verify_study", ""), "mpps.verify_study")
+    if verify not in MPPS_VERIFY_KEYS:
+        raise ConfigError(
+            f"mpps.verify_study: {verify!r} is not one of "
+            + ", ".join(repr(k) for k in MPPS_VERIFY_KEYS)
+        )
     commit_raw = _section(raw, "storage_commitment")
     _check_keys(commit_raw, {"same_association"}, "storage_commitment")
     query_raw = _section(raw, "query")
@@ -326,7 +366,18 @@ def parse_config(
     http_raw = _section(raw, "http")
     _check_keys(http_raw, {"host", "port"}, "http")
     hl7_raw = _section(raw, "hl7")
-    _check_keys(hl7_raw, {"host", "port"}, "hl7")
+    hl7_keys = {"host", "port", "primary_issuer", "orm_station_ae_field", "default_coding_scheme"}
+    _check_keys(hl7_raw, hl7_keys, "hl7")
+    station_field = _str(hl7_raw.get("orm_station_ae_field", ""), "hl7.orm_station_ae_field")
+    station_field = station_field.upper()
+    if station_field and not re.fullmatch(r"(ORC|OBR)-[1-9][0-9]?", station_field):
+        raise ConfigError(
+            f"hl7.orm_station_ae_field: {station_field!r} is not an ORC or OBR field "
+            "such as 'OBR-21'"
+        )
+    coding_scheme = _str(hl7_raw.get("default_coding_scheme", "L"), "hl7.default_coding_scheme")
+    if not coding_scheme or len(coding_scheme) > 16:
+        raise ConfigError("hl7.default_coding_scheme: must be 1 to 16 characters (a DICOM SH)")
     log_raw = _section(raw, "logging")
     _check_keys(log_raw, {"level"}, "logging")
     level = _str(log_raw.get("level", "INFO"), "logging.level").upper()
@@ -348,6 +399,9 @@ def parse_config(
         hl7=Hl7Config(
             host=_host(hl7_raw.get("host", Hl7Config.host), "hl7.host"),
             port=_port(hl7_raw.get("port", Hl7Config.port), "hl7.port"),
+            primary_issuer=_str(hl7_raw.get("primary_issuer", ""), "hl7.primary_issuer"),
+            orm_station_ae_field=station_field,
+            default_coding_scheme=coding_scheme,
         ),
         query=QueryConfig(
             max_results=_int_range(
@@ -359,6 +413,9 @@ def parse_config(
                 commit_raw.get("same_association", True), "storage_commitment.same_association"
             )
         ),
+        worklist=WorklistConfig(character_set=charset),
+        mpps=MppsConfig(verify_study=verify),
+        mpps_forward=_remotes(raw.get("mpps_forward"), "mpps_forward"),
         logging=LoggingConfig(level=level),
         remotes=_remotes(raw.get("remote")),
         source=source,

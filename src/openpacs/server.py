@@ -19,26 +19,37 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import sys
 import threading
 import time
 from types import FrameType
+from typing import Protocol
 
 from openpacs.config import Config
 from openpacs.dicom.sopclasses import STORAGE_COMMITMENT_PUSH, STORAGE_SOP_CLASSES, VERIFICATION
-from openpacs.dicom.transfer_syntaxes import COMMAND_TRANSFER_SYNTAXES, STORAGE_TRANSFER_SYNTAXES
+from openpacs.dicom.transfer_syntaxes import (
+    COMMAND_TRANSFER_SYNTAXES,
+    EXPLICIT_VR_BIG_ENDIAN,
+    STORAGE_TRANSFER_SYNTAXES,
+)
 from openpacs.dimse import commands as cmd
 from openpacs.dimse.commitment_scp import CommitmentScp, deliver_report
 from openpacs.dimse.qr_scp import FindService, GetService, MoveService
 from openpacs.dimse.server import DimseApplication, DimseServer, SharedCounter, bind_listener
 from openpacs.dimse.storage_scp import StorageService, VerificationService
+from openpacs.dimse.worklist_scp import MWL_FIND, MppsScp, WorklistScp
+from openpacs.dimse.worklist_scp import forward as forward_mpps
 from openpacs.services.archive import Archive
 from openpacs.services.commitment import JOB_KIND as COMMITMENT_JOB
 from openpacs.services.commitment import CommitmentService
 from openpacs.services.jobs import JobQueue, JobRunner
+from openpacs.services.mpps import FORWARD_JOB as MPPS_FORWARD_JOB
+from openpacs.services.mpps import MPPS_SOP_CLASS, MppsService
 from openpacs.services.query import MODEL_BY_SOP_CLASS, QueryService
+from openpacs.services.worklist import WorklistService
 
 QUERY_RETRIEVE_SOP_CLASSES = tuple(MODEL_BY_SOP_CLASS)
 
@@ -59,22 +70,64 @@ def build_dimse(
     app.add_contexts(STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     app.add_contexts(QUERY_RETRIEVE_SOP_CLASSES, COMMAND_TRANSFER_SYNTAXES)
     app.add_contexts([STORAGE_COMMITMENT_PUSH], COMMAND_TRANSFER_SYNTAXES)
+    # seed 000 T3.5: the worklist also in Explicit VR Big Endian
+    app.add_contexts(
+        [MWL_FIND, MPPS_SOP_CLASS], (*COMMAND_TRANSFER_SYNTAXES, EXPLICIT_VR_BIG_ENDIAN)
+    )
     query = QueryService(archive.engine, config.dicom.ae_title, config.query.max_results)
     jobs = JobQueue(archive.engine, archive.writer)
     commitment = CommitmentService(archive.engine, jobs)
+    worklist = WorklistService(archive.engine, archive.writer, config.query.max_results)
+    mpps = MppsService(config, archive.engine, archive.writer, worklist)
     app.add_service(cmd.C_ECHO_RQ, VerificationService())
     app.add_service(cmd.C_STORE_RQ, StorageService(archive))
     app.add_service(cmd.C_FIND_RQ, FindService(query))
     app.add_service(cmd.C_MOVE_RQ, MoveService(config, archive, query))
     app.add_service(cmd.C_GET_RQ, GetService(config, archive, query))
     app.add_service(cmd.N_ACTION_RQ, CommitmentScp(config, commitment, jobs))
+    app.add_service(cmd.C_FIND_RQ, WorklistScp(config, worklist), [MWL_FIND])
+    mpps_scp = MppsScp(mpps)
+    app.add_service(cmd.N_CREATE_RQ, mpps_scp)
+    app.add_service(cmd.N_SET_RQ, mpps_scp)
     return app
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def start_singletons(config: Config, archive: Archive) -> list[_Stoppable]:
+    """What one process of the server runs for all: the job runner, the HTTP listener and
+    the HL7 listener."""
+    from openpacs.hl7.messages import MappingOptions
+    from openpacs.hl7.mllp import Hl7Listener
+    from openpacs.web.api import create_app
+    from openpacs.web.server import HttpServer
+
+    started: list[_Stoppable] = [start_jobs(config, archive)]
+    worklist = WorklistService(archive.engine, archive.writer, config.query.max_results)
+    http = HttpServer(create_app(worklist), config.http)
+    http.start()
+    started.append(http)
+    options = MappingOptions(
+        primary_issuer=config.hl7.primary_issuer or None,
+        orm_station_ae_field=config.hl7.orm_station_ae_field or None,
+        default_coding_scheme=config.hl7.default_coding_scheme,
+    )
+    listener = Hl7Listener(
+        worklist, config.hl7.host, config.hl7.port, config.dicom.network_timeout, options=options
+    )
+    listener.start()
+    started.append(listener)
+    return started
 
 
 def start_jobs(config: Config, archive: Archive) -> JobRunner:
     """The durable-job runner (one process of the server runs it)."""
-    runner = JobRunner(JobQueue(archive.engine, archive.writer))
+    queue = JobQueue(archive.engine, archive.writer)
+    runner = JobRunner(queue)
     runner.register(COMMITMENT_JOB, lambda job: deliver_report(config, job))
+    runner.register(MPPS_FORWARD_JOB, lambda job: forward_mpps(config, queue, job))
     runner.start()
     return runner
 
@@ -91,6 +144,7 @@ class Server:
         self._slots = SharedCounter()
         self._pending = SharedCounter()
         self._workers: dict[int, int] = {}  # pid -> worker number
+        self._ready_w: int | None = None  # worker 1 writes here once its listeners are up
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None and not self._stop.is_set():
@@ -133,19 +187,28 @@ class Server:
             build_dimse(self.config, archive, self._slots, self._pending), self._sock
         )
         dimse.start()
-        runner = start_jobs(self.config, archive)
+        singletons = start_singletons(self.config, archive)
         self._ready("1 process")
         while not self._stop.wait(1.0):
             pass
         dimse.stop()
-        runner.stop()
+        for service in singletons:
+            service.stop()
         archive.close(clean=True)
 
     # ------------------------------------------------------------------ workers
     def _supervise(self, n: int) -> None:
+        # worker 1 also runs the HTTP and HL7 listeners: "ready" once it says they are up
+        ready_r, self._ready_w = os.pipe()
         for number in range(1, n + 1):
             self._spawn(number)
-        self._ready(f"{n} worker processes")
+        os.close(self._ready_w)
+        if select.select([ready_r], [], [], 60)[0] and os.read(ready_r, 1) == b"1":
+            self._ready(f"{n} worker processes")
+        else:
+            log.error("worker 1 did not start its listeners; stopping")
+            self._stop.set()
+        os.close(ready_r)
         while not self._stop.is_set():
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -210,14 +273,19 @@ class Server:
             build_dimse(self.config, archive, self._slots, self._pending), self._sock
         )
         dimse.start()
-        runner = start_jobs(self.config, archive) if number == 1 else None
+        singletons = start_singletons(self.config, archive) if number == 1 else []
         log.info("worker %d (pid %d) accepting", number, os.getpid())
+        if number == 1 and self._ready_w is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._ready_w, b"1")
+                os.close(self._ready_w)
+            self._ready_w = None
         while not stop.wait(1.0):
             if os.getppid() == 1:
                 break  # orphaned: the master is gone
         dimse.stop()
-        if runner is not None:
-            runner.stop()
+        for service in singletons:
+            service.stop()
         archive.close(clean=True)
 
 

@@ -331,9 +331,14 @@ def test_c_cancel_stops_a_find(tmp_path: Path) -> None:
 
     srv = ServerProcess(tmp_path / "srv").start()
     try:
-        datasets = [make_image(seed=i, patient_id=f"P{i:04d}", patient_name=f"Many^P{i:04d}") for i in range(50)]
+        datasets = [
+            make_image(seed=i, patient_id=f"P{i:04d}", patient_name=f"Many^P{i:04d}")
+            for i in range(50)
+        ]
         assert set(store_datasets(srv.port, datasets)) == {(0, None)}
-        scu = RawScu(srv.port, [(StudyRootQueryRetrieveInformationModelFind, ["1.2.840.10008.1.2"])])
+        scu = RawScu(
+            srv.port, [(StudyRootQueryRetrieveInformationModelFind, ["1.2.840.10008.1.2"])]
+        )
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
         identifier.PatientName = "Many*"
@@ -614,7 +619,10 @@ def _move_statuses(port: int, study_uid: str, dest: str = "DEST") -> list[Datase
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = study_uid
-    out = [s for s, _ in assoc.send_c_move(identifier, dest, StudyRootQueryRetrieveInformationModelMove)]
+    out = [
+        s
+        for s, _ in assoc.send_c_move(identifier, dest, StudyRootQueryRetrieveInformationModelMove)
+    ]
     assoc.release()
     return out
 
@@ -623,12 +631,18 @@ def test_move_partial_failure_b000_and_nothing_generated_c000(tmp_path: Path) ->
     """A stored object that cannot be read: B000 with the Failed SOP Instance UID List when
     others went, C000 (seed 002 T3.76: objects failed to be generated) when none could."""
     dest_port = free_port()
-    srv = ServerProcess(tmp_path / "srv", f'[[remote]]\nname="d"\nae_title="DEST"\nhost="127.0.0.1"\nport={dest_port}\n').start()
+    srv = ServerProcess(
+        tmp_path / "srv",
+        f'[[remote]]\nname="d"\nae_title="DEST"\nhost="127.0.0.1"\nport={dest_port}\n',
+    ).start()
     proc = _storescp(dest_port, tmp_path / "dest")
     try:
         study = generate_uid()
         series = generate_uid()
-        datasets = [make_image(study_uid=study, series_uid=series, instance_number=i, seed=i) for i in range(3)]
+        datasets = [
+            make_image(study_uid=study, series_uid=series, instance_number=i, seed=i)
+            for i in range(3)
+        ]
         assert store_datasets(srv.port, datasets) == [(0, None)] * 3
         stored_instance_files(srv.data_dir, datasets[1].SOPInstanceUID)[0].unlink()
         final = _move_statuses(srv.port, study)[-1]
@@ -657,7 +671,9 @@ def test_c_cancel_stops_a_move(archive, tmp_path: Path) -> None:
     srv, datasets, dest_port = archive
     proc = _storescp(dest_port, tmp_path / "dest")
     try:
-        scu = RawScu(srv.port, [(StudyRootQueryRetrieveInformationModelMove, ["1.2.840.10008.1.2"])])
+        scu = RawScu(
+            srv.port, [(StudyRootQueryRetrieveInformationModelMove, ["1.2.840.10008.1.2"])]
+        )
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
         identifier.StudyInstanceUID = datasets[0].StudyInstanceUID

@@ -535,7 +535,7 @@ class Association:
     def _open_dataset(self, context: PresentationContext, command: cmd.Command) -> DatasetSink:
         if command.field & 0x8000:
             return MemorySink()  # a response to one of our requests
-        service = self.app.service_for(command.field)
+        service = self.app.service_for(command.field, context.abstract_syntax)
         if service is None:
             return MemorySink()
         return service.open_dataset(self, context, command)
@@ -545,7 +545,7 @@ class Association:
         command = message.command
         if command.field == cmd.C_CANCEL_RQ:
             return  # nothing of that message id is running (any more): PS3.7 9.3.2.3
-        service = self.app.service_for(command.field)
+        service = self.app.service_for(command.field, message.context.abstract_syntax)
         if service is None:
             log.warning(
                 "association %s from %s: %s is not supported here",
@@ -698,7 +698,9 @@ class Association:
             fields.append((cmd.AFFECTED_SOP_INSTANCE_UID, sop_instance))
         if comment and code != 0x0000:
             fields.append((cmd.ERROR_COMMENT, comment))
-        fields.extend(extra)
+        extra = list(extra)
+        overridden = {tag for tag, _ in extra}  # e.g. the SOP Instance UID an N-CREATE made
+        fields = [f for f in fields if f[0] not in overridden] + extra
         self.send_message(request.context.id, fields, dataset)
 
     def next_message_id(self) -> int:

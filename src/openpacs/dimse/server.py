@@ -67,6 +67,7 @@ class DimseApplication:
         self.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         self.stopping = threading.Event()
         self._services: dict[int, Service] = {}
+        self._by_syntax: dict[tuple[int, str], Service] = {}
         self._contexts: dict[str, PnPresentationContext] = {}
         self.slots = slots or SharedCounter()
         self.pending = pending or SharedCounter()
@@ -92,14 +93,23 @@ class DimseApplication:
             context.scp_role = scp_role
             self._contexts[uid] = context
 
-    def add_service(self, command_field: int, service: Service) -> None:
-        self._services[command_field] = service
+    def add_service(
+        self, command_field: int, service: Service, abstract_syntaxes: Iterable[str] = ()
+    ) -> None:
+        """The service for a command; with *abstract_syntaxes*, only on those contexts (e.g.
+        C-FIND on the worklist model vs the Q/R models)."""
+        syntaxes = list(abstract_syntaxes)
+        if not syntaxes:
+            self._services[command_field] = service
+        for uid in syntaxes:
+            self._by_syntax[(command_field, uid)] = service
 
     def acceptor_contexts(self) -> list[PnPresentationContext]:
         return list(self._contexts.values())
 
-    def service_for(self, command_field: int) -> Service | None:
-        return self._services.get(command_field)
+    def service_for(self, command_field: int, abstract_syntax: str = "") -> Service | None:
+        service = self._by_syntax.get((command_field, abstract_syntax))
+        return service if service is not None else self._services.get(command_field)
 
     def remote_by_ae(self, ae_title: str) -> RemoteNode | None:
         for remote in self.remotes:

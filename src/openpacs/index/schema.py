@@ -191,3 +191,85 @@ jobs = Table(
 )
 Index("ix_jobs_due", jobs.c.state, jobs.c.next_attempt_at)
 Index("ix_jobs_reference", jobs.c.kind, jobs.c.reference)
+
+# The worklist (RIS side): one row per Scheduled Procedure Step (seed 000 T3.7, seed 001 T3.2).
+# Matching keys are columns; the whole item is kept as JSON for the return keys.
+worklist_items = Table(
+    "worklist_items",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("accession_number", String(16), nullable=False),
+    Column("requested_procedure_id", String(16)),
+    Column("sps_id", String(16)),
+    Column("study_uid", String(64), nullable=False),
+    Column("placer_order_number", String(64)),
+    Column("filler_order_number", String(64)),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False, default=""),
+    Column("patient_name", String(400)),
+    Column("patient_name_norm", String(400)),
+    Column("birth_date", String(8)),
+    Column("sex", String(16)),
+    Column("modality", String(16)),
+    Column("station_ae", String(16)),
+    Column("station_name", String(16)),
+    Column("sps_start_date", String(8)),
+    Column("sps_start_time", String(6)),
+    Column("sps_datetime", String(14)),
+    Column("performing_physician", String(400)),
+    Column("performing_physician_norm", String(400)),
+    Column("referring_physician", String(400)),
+    Column("priority", String(16)),
+    Column("status", String(16), nullable=False),  # SCHEDULED … COMPLETED, CANCELLED
+    Column("item", Text, nullable=False),  # the WorklistItem as JSON
+    Column("source", String(16)),  # hl7 | api | cli
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_worklist_status_date", worklist_items.c.status, worklist_items.c.sps_start_date)
+Index("ix_worklist_station", worklist_items.c.station_ae)
+Index("ix_worklist_accession", worklist_items.c.accession_number)
+Index("ix_worklist_patient", worklist_items.c.patient_id)
+Index("ix_worklist_study", worklist_items.c.study_uid)
+Index("ix_worklist_placer", worklist_items.c.placer_order_number)
+Index("ix_worklist_filler", worklist_items.c.filler_order_number)
+
+# Modality Performed Procedure Steps received (seed 001 T4.2).
+mpps = Table(
+    "mpps",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("sop_uid", String(64), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),  # IN PROGRESS | COMPLETED | DISCONTINUED
+    Column("pps_id", String(16)),
+    Column("study_uid", String(64)),
+    Column("accession_number", String(16)),
+    Column("sps_id", String(16)),
+    Column("patient_id", String(64)),
+    Column("patient_name", String(400)),
+    Column("modality", String(16)),
+    Column("station_ae", String(16)),
+    Column("start_date", String(8)),
+    Column("start_time", String(6)),
+    Column("end_date", String(8)),
+    Column("end_time", String(6)),
+    Column("calling_ae", String(16)),
+    Column("scheduled", Integer, nullable=False, default=0),  # a worklist item was found
+    Column("dataset", LargeBinary, nullable=False),  # merged attributes, Explicit VR LE
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_mpps_study", mpps.c.study_uid)
+
+# What an MPPS says was made: Performed Series Sequence > Referenced Image / Non-Image items.
+mpps_references = Table(
+    "mpps_references",
+    metadata,
+    Column("pk", PrimaryKey, primary_key=True, autoincrement=True),
+    Column("mpps_pk", PrimaryKey, ForeignKey("mpps.pk"), nullable=False),
+    Column("series_uid", String(64)),
+    Column("sop_class_uid", String(64)),
+    Column("sop_uid", String(64), nullable=False),
+)
+Index("ix_mpps_references_mpps", mpps_references.c.mpps_pk)
+Index("ix_mpps_references_sop", mpps_references.c.sop_uid)

@@ -35,6 +35,11 @@ class JobGaveUp(Exception):
     """The job cannot succeed (e.g. nowhere to deliver to): stop retrying."""
 
 
+class JobDeferred(Exception):
+    """Not yet (e.g. an earlier job of the same sequence is not done): try again shortly,
+    without counting an attempt."""
+
+
 @dataclass(frozen=True)
 class Job:
     pk: int
@@ -53,6 +58,27 @@ class JobQueue:
     def __init__(self, engine: Engine, writer: IndexWriter) -> None:
         self.engine = engine
         self.writer = writer
+
+    @staticmethod
+    def add_in(
+        conn: Connection,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        reference: str | None = None,
+        target: str | None = None,
+    ) -> int:
+        """Add a job inside a writer operation (committed with that operation)."""
+        now = _now()
+        return int(
+            conn.execute(
+                insert(jobs).values(
+                    kind=kind, reference=reference, target=target,
+                    payload=json.dumps(payload), state="pending", attempts=0,
+                    next_attempt_at=now, created_at=now, updated_at=now,
+                )
+            ).inserted_primary_key[0]
+        )  # fmt: skip
 
     def add(
         self,
@@ -113,6 +139,23 @@ class JobQueue:
             ]
 
         return self.writer.run(op)
+
+    def defer(self, job: Job, seconds: float = 1.0) -> None:
+        self._set(job.pk, state="pending", claimed_until=None,
+                  next_attempt_at=_now() + dt.timedelta(seconds=seconds))  # fmt: skip
+
+    def earlier_pending(self, job: Job) -> bool:
+        """Whether a job of the same kind, reference and target, added before *job*, is not
+        done yet (jobs that must be delivered in order)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(jobs.c.pk).where(
+                    jobs.c.kind == job.kind, jobs.c.reference == job.reference,
+                    jobs.c.target == job.target, jobs.c.pk < job.pk,
+                    jobs.c.state.in_(("pending", "running")),
+                ).limit(1)
+            ).first()  # fmt: skip
+        return row is not None
 
     def make_due(self, job_pk: int) -> None:
         """A waiting job becomes due now (e.g. the same-association attempt did not happen)."""
@@ -203,6 +246,8 @@ class JobRunner:
             if handler is None:
                 raise JobGaveUp(f"no handler for job kind {job.kind!r}")
             handler(job)
+        except JobDeferred:
+            self.queue.defer(job)
         except JobGaveUp as exc:
             log.error("job %d (%s %s) given up: %s", job.pk, job.kind, job.reference or "", exc)
             self.queue.give_up(job, str(exc))
