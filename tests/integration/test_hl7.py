@@ -67,6 +67,8 @@ def mwl(srv: ServerProcess, **keys: str) -> list[Dataset]:
     q.RequestedProcedureCodeSequence = []
     q.RequestedProcedurePriority = ""
     q.ReferringPhysicianName = ""
+    q.AdmissionID = ""
+    q.CurrentPatientLocation = ""
     sps = Dataset()
     sps.ScheduledProcedureStepID = ""
     sps.Modality = ""
@@ -115,6 +117,8 @@ def test_orm_new_change_cancel(srv: ServerProcess) -> None:
     assert item.StudyInstanceUID == "1.2.826.0.1.3680043.2.1125.1001"  # from ZDS-1
     assert item.RequestedProcedureID == "RP0001"
     assert item.PatientSex == "M" and item.PatientBirthDate == "19650412"
+    assert item.AdmissionID == "V0001"  # PV1-19
+    assert item.CurrentPatientLocation == "CTSUITE"  # PV1-3.1
     step = item.ScheduledProcedureStepSequence[0]
     assert step.Modality == "CT" and step.ScheduledProcedureStepID == "SPS0001"
     assert step.ScheduledProcedureStepStartDate == "20240320"

@@ -14,6 +14,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep, ModalityWorklis
 from support import ServerProcess, free_port, make_image, store_datasets
 
 TODAY = dt.date.today().strftime("%Y%m%d")
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def schedule(srv: ServerProcess, accession: str) -> str:
@@ -257,6 +258,7 @@ def test_relay_in_order_to_a_forward_destination(tmp_path: Path) -> None:
 
     def on_set(event: evt.Event) -> tuple[int, Dataset]:
         ds = event.attribute_list
+        stored["set"] = ds
         received.append(
             ("set", event.request.RequestedSOPInstanceUID, str(ds.PerformedProcedureStepStatus))
         )
@@ -281,12 +283,13 @@ def test_relay_in_order_to_a_forward_destination(tmp_path: Path) -> None:
         create = in_progress(study, "REL1", TotalNumberOfExposures=0)
         status, _ = assoc.send_n_create(create, ModalityPerformedProcedureStep, uid)
         assert int(status.Status) == 0
-        status, _ = assoc.send_n_set(
-            completed(generate_uid(), []), ModalityPerformedProcedureStep, uid
-        )
+        final = completed(generate_uid(), [(MR_IMAGE, generate_uid())])
+        status, _ = assoc.send_n_set(final, ModalityPerformedProcedureStep, uid)
         assert int(status.Status) == 0
         assoc.release()
         assert got_set.wait(20), "the N-SET was not relayed"
+        # relayed unchanged: the same attributes, element for element
+        assert stored[uid] == create and stored["set"] == final
         assert received == [("create", uid, "IN PROGRESS"), ("set", uid, "COMPLETED")]
         assert stored[uid].ScheduledStepAttributesSequence[0].AccessionNumber == "REL1"
         assert stored[uid].PerformedStationAETitle == "MOD1"
@@ -296,7 +299,8 @@ def test_relay_in_order_to_a_forward_destination(tmp_path: Path) -> None:
 
 
 def test_relay_waits_for_a_destination_that_is_down(tmp_path: Path) -> None:
-    """Relay jobs are durable: a destination down at first gets both messages, in order, later."""
+    """Relay jobs are durable: a destination down at first gets both messages, in order, later,
+    even across a kill -9 of the server."""
     port = free_port()
     srv = ServerProcess(
         tmp_path / "srv",
@@ -324,6 +328,9 @@ def test_relay_waits_for_a_destination_that_is_down(tmp_path: Path) -> None:
         )
         assoc.release()
         time.sleep(2)  # the first delivery attempt fails
+        # the queued relay jobs survive a crash of the server
+        srv.kill()
+        srv.start()
         received: list[str] = []
         done = threading.Event()
 

@@ -284,6 +284,38 @@ def test_unsupported_matching_key_gives_ff01(ris) -> None:
     assert plain == [0xFF00, 0x0000]
 
 
+def test_result_limit_is_an_explicit_failure(tmp_path: Path) -> None:
+    """[query] max_results applies to the worklist too: A700 with a reason, never a cut list."""
+    srv = ServerProcess(tmp_path / "lim", "[query]\nmax_results = 3\n").start()
+    try:
+        for n in range(4):
+            status, answer = post(srv, item(f"L{n}"))
+            assert status == 201, answer
+        ae = AE(ae_title="MOD1")
+        ae.add_requested_context(ModalityWorklistInformationFind)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="OPENPACS")
+        query = Dataset()
+        query.AccessionNumber = "L*"
+        over = [
+            (int(st.Status), st.get("ErrorComment", ""))
+            for st, _ in assoc.send_c_find(query, ModalityWorklistInformationFind)
+        ]
+        query.AccessionNumber = "L[0-2]"  # not a DICOM wildcard: matches nothing
+        none = [
+            int(st.Status) for st, _ in assoc.send_c_find(query, ModalityWorklistInformationFind)
+        ]
+        query.AccessionNumber = "L1"
+        one = [
+            int(st.Status) for st, _ in assoc.send_c_find(query, ModalityWorklistInformationFind)
+        ]
+        assoc.release()
+        assert over == [(0xA700, "More than 3 matches ([query] max_results); narrow the query")]
+        assert none == [0x0000]  # no match: success with no items
+        assert one == [0xFF00, 0x0000]
+    finally:
+        srv.stop()
+
+
 def test_dcmtk_example_queries(ris, tmp_path: Path) -> None:
     """Every worklist query of DCMTK's examples (wlistqry*.dump) is answered without failure."""
     dump2dcm = require_tool("dump2dcm")
