@@ -220,6 +220,9 @@ def test_error_statuses(tmp_path: Path) -> None:
         assoc.release()
         listing = srv.run_cli("mpps", "list")
         assert "DISCONTINUED" in listing.stdout and "(unscheduled)" in listing.stdout
+        # every refusal is logged with the peer's AE title and address
+        assert "MPPS N-CREATE-RQ from MOD1 (127.0.0.1:" in srv.log()
+        assert "refused: 0x0111" in srv.log()
     finally:
         srv.stop()
 

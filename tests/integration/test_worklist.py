@@ -281,6 +281,7 @@ def test_unsupported_matching_key_gives_ff01(ris) -> None:
     ]
     assoc.release()
     assert statuses == [0xFF01, 0x0000]
+    assert "not matched on: (0010,2000)" in ris.log()
     assert plain == [0xFF00, 0x0000]
 
 
@@ -310,6 +311,7 @@ def test_result_limit_is_an_explicit_failure(tmp_path: Path) -> None:
         ]
         assoc.release()
         assert over == [(0xA700, "More than 3 matches ([query] max_results); narrow the query")]
+        assert "worklist query from MOD1 (127.0.0.1:" in srv.log()
         assert none == [0x0000]  # no match: success with no items
         assert one == [0xFF00, 0x0000]
     finally:

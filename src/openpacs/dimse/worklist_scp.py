@@ -108,8 +108,9 @@ class WorklistScp:
                 count += 1
         except QueryRefused as exc:
             log.warning(
-                "worklist query from %s refused: 0x%04X %s",
+                "worklist query from %s (%s) refused: 0x%04X %s",
                 assoc.calling_ae,
+                assoc.peer,
                 exc.status,
                 exc.comment,
             )
@@ -124,7 +125,13 @@ class WorklistScp:
             "worklist query from %s: %d items%s",
             assoc.calling_ae,
             count,
-            " (unsupported matching keys ignored)" if query.unsupported else "",
+            (
+                " (not matched on: "
+                + ", ".join(f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in query.unsupported)
+                + ")"
+            )
+            if query.unsupported
+            else "",
         )
 
 
@@ -147,7 +154,9 @@ class MppsScp:
         try:
             ds = decode(raw, ts == IMPLICIT_VR_LITTLE_ENDIAN) if raw else Dataset()
         except Exception as exc:
-            log.warning("MPPS from %s: unreadable data set: %s", assoc.calling_ae, exc)
+            log.warning(
+                "MPPS from %s (%s): unreadable data set: %s", assoc.calling_ae, assoc.peer, exc
+            )
             assoc.send_response(message, 0x0110, "Cannot read the data set")
             return
         try:
@@ -162,9 +171,10 @@ class MppsScp:
                 extra = []
         except MppsRefused as exc:
             log.warning(
-                "MPPS %s from %s refused: 0x%04X %s",
+                "MPPS %s from %s (%s) refused: 0x%04X %s",
                 command.name,
                 assoc.calling_ae,
+                assoc.peer,
                 exc.status,
                 exc.comment,
             )

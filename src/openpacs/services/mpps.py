@@ -8,7 +8,7 @@ attribute (dose attributes included) as the merged data set, the references of t
 Series Sequence (so the archive can tell which instances an MPPS promised), the worklist step
 status it implies, and the relay jobs for each ``[[mpps_forward]]`` destination — all in one
 transaction, before the response.
-Must not: speak DIMSE (``dimse.mpps_scp`` does).
+Must not: speak DIMSE (``dimse.worklist_scp`` does).
 """
 
 from __future__ import annotations
