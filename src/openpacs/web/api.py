@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -63,8 +64,12 @@ def create_app(worklist: WorklistService) -> Starlette:
     async def health(_request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    def peer(request: Request) -> str:
+        return f"{request.client.host}:{request.client.port}" if request.client else "-"
+
     async def list_items(request: Request) -> JSONResponse:
-        rows = worklist.list(
+        rows = await run_in_threadpool(
+            worklist.list,
             include_closed=request.query_params.get("all") in ("1", "true"),
             date=request.query_params.get("date"),
         )
@@ -74,15 +79,16 @@ def create_app(worklist: WorklistService) -> Starlette:
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as exc:
+            log.warning("worklist POST from %s refused: not JSON (%s)", peer(request), exc)
             return JSONResponse({"error": f"not JSON: {exc}"}, status_code=400)
         try:
             item = item_from_request(body)
-            done = worklist.apply([NewOrder(item)], "api")
+            # the commit waits on the index writer: off the event loop
+            done = await run_in_threadpool(worklist.apply, [NewOrder(item)], "api")
         except OrderError as exc:
+            log.warning("worklist POST from %s refused: %s", peer(request), exc)
             return JSONResponse({"error": str(exc), "field": exc.field}, status_code=400)
-        log.info(
-            "worklist via API from %s: %s", request.client.host if request.client else "-", done[0]
-        )
+        log.info("worklist via API from %s: %s", peer(request), done[0])
         return JSONResponse(
             {
                 "result": done[0],
@@ -96,9 +102,13 @@ def create_app(worklist: WorklistService) -> Starlette:
     async def cancel_item(request: Request) -> JSONResponse:
         accession = request.path_params["accession"]
         try:
-            done = worklist.apply([CancelOrder(None, None, accession)], "api")
+            done = await run_in_threadpool(
+                worklist.apply, [CancelOrder(None, None, accession)], "api"
+            )
         except OrderError as exc:
+            log.warning("worklist DELETE %s from %s refused: %s", accession, peer(request), exc)
             return JSONResponse({"error": str(exc)}, status_code=404)
+        log.info("worklist via API from %s: %s", peer(request), done[0])
         return JSONResponse({"result": done[0]})
 
     return Starlette(
