@@ -20,6 +20,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from openpacs.config import Config
+from openpacs.dicom.identifier import Element, elements_dataset, encode_elements
 from openpacs.dicom.transfer_syntaxes import (
     COMMAND_TRANSFER_SYNTAXES,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -45,30 +46,45 @@ log = logging.getLogger(__name__)
 MWL_FIND = "1.2.840.10008.5.1.4.31"
 
 
-def _fits(ds: Dataset, encoding: str) -> bool:
-    for elem in ds:
-        if elem.VR == "SQ":
-            if not all(_fits(item, encoding) for item in elem.value):
-                return False
-        elif isinstance(elem.value, str):
-            try:
-                elem.value.encode(encoding)
-            except UnicodeEncodeError:
-                return False
-        elif elem.VR == "PN" and elem.value is not None:
-            try:
-                str(elem.value).encode(encoding)
-            except UnicodeEncodeError:
-                return False
-    return True
+CODECS = {"ISO_IR 100": "latin-1", "ISO_IR 6": "ascii", "ISO_IR 192": "utf-8"}
+SPECIFIC_CHARACTER_SET = 0x00080005
 
 
-def encode_answer(ds: Dataset, transfer_syntax: str, charset: str) -> bytes:
-    """The answer in the configured character set when it can hold every value, else UTF-8."""
-    codec = {"ISO_IR 100": "latin-1", "ISO_IR 6": "ascii", "": "ascii"}.get(charset, "utf-8")
-    chosen = charset if _fits(ds, codec) else "ISO_IR 192"
-    if chosen not in ("", "ISO_IR 6"):
-        ds.SpecificCharacterSet = chosen
+def _with_charset(elements: list[Element], charset: str) -> list[Element]:
+    if charset == "ISO_IR 6":
+        return elements  # the default repertoire: no Specific Character Set
+    at = next((n for n, e in enumerate(elements) if e[0] > SPECIFIC_CHARACTER_SET), len(elements))
+    return [*elements[:at], (SPECIFIC_CHARACTER_SET, "CS", charset), *elements[at:]]
+
+
+def encode_answer(elements: list[Element], transfer_syntax: str, charset: str) -> bytes:
+    """The answer in the configured character set when it can hold every value, else in
+    ISO_IR 192 (UTF-8) — never with substituted characters."""
+    if transfer_syntax == EXPLICIT_VR_BIG_ENDIAN:  # retired; pydicom writes it
+        try:
+            _check_fits(elements, CODECS[charset])
+        except UnicodeEncodeError:
+            charset = "ISO_IR 192"
+        return _write(elements_dataset(_with_charset(elements, charset)), transfer_syntax)
+    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    try:
+        return encode_elements(_with_charset(elements, charset), implicit, CODECS[charset])
+    except UnicodeEncodeError:
+        return encode_elements(_with_charset(elements, "ISO_IR 192"), implicit, "utf-8")
+
+
+def _check_fits(elements: list[Element], codec: str) -> None:
+    """UnicodeEncodeError when a text value does not fit *codec*."""
+    for _, vr, value in elements:
+        if vr == "SQ":
+            for item in value or ():
+                _check_fits(item, codec)
+        elif isinstance(value, str):
+            value.encode(codec)
+
+
+def _write(ds: Dataset, transfer_syntax: str) -> bytes:
+    """pydicom's encoding of *ds*, text in the data set's own character set."""
     buf = DicomBytesIO()
     buf.is_little_endian = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     buf.is_implicit_VR = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
@@ -224,9 +240,8 @@ def forward(config: Config, jobs: JobQueue, job: Job) -> None:
             context = next(iter(assoc.contexts.values()), None)
             if context is None:
                 raise ConnectionError(f"{dest.ae_title} accepted no MPPS context")
-            data = encode_answer(
-                decode(raw, ts == IMPLICIT_VR_LITTLE_ENDIAN), context.transfer_syntax, ""
-            )
+            # the destination takes none of our syntax: the same data set, transcoded
+            data = _write(decode(raw, ts == IMPLICIT_VR_LITTLE_ENDIAN), context.transfer_syntax)
         uid = str(payload["sop_uid"])
         if payload["operation"] == "create":
             fields = [

@@ -16,18 +16,18 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.dataelem import DataElement
-from pydicom.sequence import Sequence as DicomSequence
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from sqlalchemy import Engine, and_, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from openpacs.dicom import matching
+from openpacs.dicom.identifier import Element, elements_dataset
 from openpacs.dicom.matching import Constraint, MatchKind, QueryError
 from openpacs.index.db import IndexWriter
 from openpacs.index.schema import worklist_items
@@ -158,106 +158,161 @@ def patient_age(birth_date: str | None, today: dt.date) -> str | None:
     return f"{days:03d}D"
 
 
-def _codes(codes: Sequence[Code]) -> list[Dataset]:
-    out = []
-    for code in codes:
-        ds = Dataset()
-        ds.CodeValue = code.value
-        ds.CodingSchemeDesignator = code.scheme
-        if code.version:
-            ds.CodingSchemeVersion = code.version
-        ds.CodeMeaning = code.meaning
-        out.append(ds)
+Tree = dict[int, tuple[str, Any]]  # tag → (VR, value); an SQ value is a list of Trees
+_TAGS: dict[str, tuple[int, str]] = {}
+
+
+def _tree(pairs: Iterable[tuple[str, Any]]) -> Tree:
+    out: Tree = {}
+    for keyword, value in pairs:
+        hit = _TAGS.get(keyword)
+        if hit is None:
+            tag = tag_for_keyword(keyword)
+            assert tag is not None, keyword
+            hit = _TAGS[keyword] = (tag, dictionary_VR(tag))
+        out[hit[0]] = (hit[1], value)
     return out
 
 
-def item_dataset(item: WorklistItem, today: dt.date) -> Dataset:
+def _codes(codes: Sequence[Code]) -> list[Tree]:
+    return [
+        _tree(
+            (
+                ("CodeValue", code.value),
+                ("CodingSchemeDesignator", code.scheme),
+                *((("CodingSchemeVersion", code.version),) if code.version else ()),
+                ("CodeMeaning", code.meaning),
+            )
+        )
+        for code in codes
+    ]
+
+
+def item_tree(item: WorklistItem, today: dt.date) -> Tree:
     """Every worklist attribute seed 000 T3.7 / seed 001 T3.2 fills, for one item."""
     p = item.patient
-    ds = Dataset()
-    sps = Dataset()
-    sps.ScheduledStationAETitle = item.station_ae or ""
-    sps.ScheduledProcedureStepStartDate = item.sps_start_date
-    sps.ScheduledProcedureStepStartTime = item.sps_start_time
-    sps.Modality = item.modality
-    sps.ScheduledPerformingPhysicianName = item.performing_physician or ""
-    sps.ScheduledProcedureStepDescription = item.sps_description or ""
-    sps.ScheduledProtocolCodeSequence = _codes(item.protocol_codes)
-    sps.ScheduledStationName = item.station_name or ""
-    sps.ScheduledProcedureStepLocation = item.sps_location or ""
-    sps.ScheduledProcedureStepID = item.sps_id
-    sps.RequestedContrastAgent = item.contrast_agent or ""
-    sps.ScheduledProcedureStepStatus = item.status
-    ds.ScheduledProcedureStepSequence = [sps]
-    ds.RequestedProcedureID = item.requested_procedure_id
-    ds.RequestedProcedureDescription = item.requested_procedure_description or ""
-    ds.RequestedProcedureCodeSequence = _codes(item.requested_procedure_codes)
-    ds.StudyInstanceUID = item.study_uid
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = DETACHED_STUDY_MANAGEMENT
-    ref.ReferencedSOPInstanceUID = item.study_uid
-    ds.ReferencedStudySequence = [ref]
-    ds.RequestedProcedurePriority = item.priority
-    ds.ReasonForTheRequestedProcedure = item.reason or ""
-    ds.RequestedProcedureComments = item.comments or ""
-    ds.AccessionNumber = item.accession_number
-    ds.RequestingPhysician = item.requesting_physician or ""
-    ds.RequestingService = item.requesting_service or ""
-    ds.ReferringPhysicianName = item.referring_physician or ""
-    ds.AdmissionID = p.admission_id or ""
-    ds.CurrentPatientLocation = p.location or ""
-    ds.ReferencedPatientSequence = []
-    ds.PatientName = p.name
-    ds.PatientID = p.patient_id
-    ds.IssuerOfPatientID = p.issuer
-    ds.TypeOfPatientID = "TEXT"
-    if p.other_ids:
-        others = []
-        for other in p.other_ids:
-            o = Dataset()
-            o.PatientID = other.patient_id
-            o.IssuerOfPatientID = other.issuer
-            o.TypeOfPatientID = other.type
-            others.append(o)
-        ds.OtherPatientIDsSequence = others
-    ds.PatientBirthDate = p.birth_date or ""
-    ds.PatientSex = p.sex or ""
-    ds.PatientAge = patient_age(p.birth_date, today) or ""
-    ds.PatientSize = p.size or ""
-    ds.PatientWeight = p.weight or ""
-    ds.MedicalAlerts = p.medical_alerts or ""
-    ds.Allergies = p.allergies or ""
-    ds.PregnancyStatus = p.effective_pregnancy_status()
-    ds.PlacerOrderNumberImagingServiceRequest = item.placer_order_number or ""
-    ds.FillerOrderNumberImagingServiceRequest = item.filler_order_number or ""
-    return ds
+    sps = _tree(
+        (
+            ("ScheduledStationAETitle", item.station_ae or ""),
+            ("ScheduledProcedureStepStartDate", item.sps_start_date),
+            ("ScheduledProcedureStepStartTime", item.sps_start_time),
+            ("Modality", item.modality),
+            ("ScheduledPerformingPhysicianName", item.performing_physician or ""),
+            ("ScheduledProcedureStepDescription", item.sps_description or ""),
+            ("ScheduledProtocolCodeSequence", _codes(item.protocol_codes)),
+            ("ScheduledStationName", item.station_name or ""),
+            ("ScheduledProcedureStepLocation", item.sps_location or ""),
+            ("ScheduledProcedureStepID", item.sps_id),
+            ("RequestedContrastAgent", item.contrast_agent or ""),
+            ("ScheduledProcedureStepStatus", item.status),
+        )
+    )
+    ref = _tree(
+        (
+            ("ReferencedSOPClassUID", DETACHED_STUDY_MANAGEMENT),
+            ("ReferencedSOPInstanceUID", item.study_uid),
+        )
+    )
+    others = [
+        _tree(
+            (
+                ("PatientID", other.patient_id),
+                ("IssuerOfPatientID", other.issuer),
+                ("TypeOfPatientID", other.type),
+            )
+        )
+        for other in p.other_ids
+    ]
+    return _tree(
+        (
+            ("ScheduledProcedureStepSequence", [sps]),
+            ("RequestedProcedureID", item.requested_procedure_id),
+            ("RequestedProcedureDescription", item.requested_procedure_description or ""),
+            ("RequestedProcedureCodeSequence", _codes(item.requested_procedure_codes)),
+            ("StudyInstanceUID", item.study_uid),
+            ("ReferencedStudySequence", [ref]),
+            ("RequestedProcedurePriority", item.priority),
+            ("ReasonForTheRequestedProcedure", item.reason or ""),
+            ("RequestedProcedureComments", item.comments or ""),
+            ("AccessionNumber", item.accession_number),
+            ("RequestingPhysician", item.requesting_physician or ""),
+            ("RequestingService", item.requesting_service or ""),
+            ("ReferringPhysicianName", item.referring_physician or ""),
+            ("AdmissionID", p.admission_id or ""),
+            ("CurrentPatientLocation", p.location or ""),
+            ("ReferencedPatientSequence", []),
+            ("PatientName", p.name),
+            ("PatientID", p.patient_id),
+            ("IssuerOfPatientID", p.issuer),
+            ("TypeOfPatientID", "TEXT"),
+            *((("OtherPatientIDsSequence", others),) if others else ()),
+            ("PatientBirthDate", p.birth_date or ""),
+            ("PatientSex", p.sex or ""),
+            ("PatientAge", patient_age(p.birth_date, today) or ""),
+            ("PatientSize", p.size or ""),
+            ("PatientWeight", p.weight or ""),
+            ("MedicalAlerts", p.medical_alerts or ""),
+            ("Allergies", p.allergies or ""),
+            ("PregnancyStatus", p.effective_pregnancy_status()),
+            ("PlacerOrderNumberImagingServiceRequest", item.placer_order_number or ""),
+            ("FillerOrderNumberImagingServiceRequest", item.filler_order_number or ""),
+        )
+    )
 
 
-def project(request: Dataset, full: Dataset) -> Dataset:
-    """The response: every requested attribute, valued from *full* when known, else empty;
-    a requested sequence item selects the sub-attributes of each stored item (PS3.4 C.2.2.1)."""
-    out = Dataset()
+def _whole(tree: Tree) -> list[Element]:
+    return [
+        (tag, vr, [_whole(i) for i in value] if vr == "SQ" else value)
+        for tag, (vr, value) in sorted(tree.items())
+    ]
+
+
+def item_dataset(item: WorklistItem, today: dt.date) -> Dataset:
+    """The whole item as a pydicom Dataset (for tools and tests; answers use item_tree)."""
+    return elements_dataset(_whole(item_tree(item, today)))
+
+
+# A compiled request: (tag, VR, sub) in tag order; sub is None (a plain attribute), ALL (a
+# sequence asked for with no item or an empty one: whole items) or a template for each item.
+ALL = "ALL"
+Template = list[tuple[int, str, Any]]
+
+
+def compile_template(request: Dataset) -> Template:
+    out: Template = []
     for elem in request:
-        tag = elem.tag
-        if tag == 0x00080005 or tag.group in (0, 2):
+        tag = int(elem.tag)
+        if tag == 0x00080005 or (tag >> 16) in (0, 2):
             continue
-        stored = full.get(tag)
         if elem.VR == "SQ":
-            template = elem.value[0] if elem.value else None
-            if stored is None or stored.VR != "SQ":
-                out.add(DataElement(tag, "SQ", DicomSequence([])))
-            elif template is None or len(template) == 0:
-                out.add(DataElement(tag, "SQ", DicomSequence(list(stored.value))))
-            else:
-                out.add(
-                    DataElement(
-                        tag, "SQ", DicomSequence([project(template, i) for i in stored.value])
-                    )
-                )
-        elif stored is not None:
-            out.add(stored)
+            first = elem.value[0] if elem.value else None
+            out.append(
+                (tag, "SQ", ALL if first is None or len(first) == 0 else compile_template(first))
+            )
         else:
-            out.add(DataElement(tag, elem.VR, None))
+            vr = elem.VR.split(" or ")[0] if len(elem.VR) != 2 else elem.VR
+            out.append((tag, vr, None))
+    return out
+
+
+def project(template: Template, tree: Tree) -> list[Element]:
+    """The response: every requested attribute, valued from *tree* when known, else empty;
+    a requested sequence item selects the sub-attributes of each stored item (PS3.4 C.2.2.1)."""
+    out: list[Element] = []
+    for tag, vr, sub in template:
+        stored = tree.get(tag)
+        if vr == "SQ":
+            if stored is None or stored[0] != "SQ":
+                out.append((tag, "SQ", []))
+            elif isinstance(sub, str):  # ALL
+                out.append((tag, "SQ", [_whole(i) for i in stored[1]]))
+            else:
+                out.append((tag, "SQ", [project(sub, i) for i in stored[1]]))
+        elif stored is not None:
+            stored_vr, value = stored
+            out.append((tag, stored_vr, [_whole(i) for i in value] if stored_vr == "SQ" else value))
+        else:
+            out.append((tag, vr, None))
     return out
 
 
@@ -459,7 +514,7 @@ class WorklistService:
                 query.unsupported.append(int(elem.tag))
         return query
 
-    def find(self, query: WorklistQuery, today: dt.date | None = None) -> Iterator[Dataset]:
+    def find(self, query: WorklistQuery, today: dt.date | None = None) -> Iterator[list[Element]]:
         today = today or dt.date.today()
         conds: list[ColumnElement[bool]] = []
         for c in query.constraints:
@@ -489,5 +544,6 @@ class WorklistService:
             items = list(conn.execute(stmt).scalars())
         if len(items) > self.max_results:
             raise TooManyMatches(self.max_results)
+        template = compile_template(query.request)
         for text in items:
-            yield project(query.request, item_dataset(item_from_json(text), today))
+            yield project(template, item_tree(item_from_json(text), today))
