@@ -209,7 +209,13 @@ def test_patient_update_and_merge(srv: ServerProcess) -> None:
         .replace(b"MSG00002", b"MSG00902")
     )
     assert send(srv, order)["MSA"][1] == "AA"
-    assert len(mwl(srv, PatientID="PAT999")) == 2
+    moved = mwl(srv, PatientID="PAT999")
+    assert len(moved) == 2
+    # no OBR-44 here: the Requested Procedure Code comes from OBR-4 (the mapping)
+    codes = {i.AccessionNumber: i.RequestedProcedureCodeSequence[0].CodeValue for i in moved}
+    assert codes == {"ACC0002": "CTCHEST", "ACC0003": "CRCHEST"}
+    # ... and its modality, sent lower-case ("cr"), is upper-cased
+    assert {i.ScheduledProcedureStepSequence[0].Modality for i in moved} == {"CT", "CR"}
     ack = send(srv, sample("adt_a40.hl7"))
     assert ack["MSA"][1] == "AA", ack
     assert mwl(srv, PatientID="PAT999") == []
