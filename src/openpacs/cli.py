@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -252,6 +253,16 @@ def cmd_mpps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mpps_show(args: argparse.Namespace) -> int:
+    with _ris(args) as (_config, _worklist, mpps):
+        ds = mpps.get(args.sop_uid)
+    if ds is None:
+        print(f"no MPPS {args.sop_uid}", file=sys.stderr)
+        return 1
+    print(json.dumps(ds.to_json_dict(), indent=1, ensure_ascii=False) if args.json else ds)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openpacs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"openpacs {__version__}")
@@ -318,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     mp_list = mp_sub.add_parser("list", help="state and completeness of each MPPS")
     common(mp_list)
     mp_list.set_defaults(func=cmd_mpps)
+    mp_show = mp_sub.add_parser("show", help="every attribute kept for one MPPS")
+    common(mp_show)
+    mp_show.add_argument("sop_uid", help="the MPPS SOP Instance UID")
+    mp_show.add_argument("--json", action="store_true", help="DICOM JSON model (PS3.18 F.2)")
+    mp_show.set_defaults(func=cmd_mpps_show)
     return parser
 
 

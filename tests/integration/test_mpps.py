@@ -165,6 +165,15 @@ def test_full_cycle_updates_the_worklist_and_records_references(tmp_path: Path) 
         assert store_datasets(srv.port, images) == [(0, None)] * 2
         listing = srv.run_cli("mpps", "list")
         assert "COMPLETED" in listing.stdout and "2/3 missing" in listing.stdout, listing.stdout
+        # every attribute is kept, the dose attributes of seed 001 T4.2 included
+        shown = srv.run_cli("mpps", "show", uid, "--json")
+        assert shown.returncode == 0, shown.stderr
+        kept = Dataset.from_json(shown.stdout)
+        assert kept.ImageAndFluoroscopyAreaDoseProduct == 1.25 and kept.EntranceDoseInmGy == 0.3
+        assert kept.TotalNumberOfExposures == 3 and kept.TotalTimeOfFluoroscopy == 0
+        assert kept.PerformedProcedureStepStatus == "COMPLETED"
+        assert kept.PerformedStationAETitle == "MOD1"  # from the N-CREATE
+        assert kept.PerformedSeriesSequence[0].ProtocolName == "CHEST PA"
     finally:
         srv.stop()
 

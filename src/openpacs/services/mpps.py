@@ -278,6 +278,12 @@ class MppsService:
             )  # fmt: skip
 
     # ------------------------------------------------------------------ reads
+    def get(self, sop_uid: str) -> Dataset | None:
+        """The MPPS as kept: every attribute of the N-CREATE and N-SETs, merged."""
+        with self.engine.connect() as conn:
+            data = conn.execute(select(mpps.c.dataset).where(mpps.c.sop_uid == sop_uid)).scalar()
+        return None if data is None else decode(data)
+
     def list(self) -> list[dict[str, Any]]:
         """Every MPPS with how many of the instances it lists the archive holds."""
         referenced = (
