@@ -38,6 +38,10 @@ STORE_SOP_CLASS_CONFLICT = Status(
     "Error: Cannot understand – same SOP Instance with different SOP Class",
     "seed 002 T3.58 C016",
 )
+# PS3.18 Table I.2-2 (STOW-RS Failure Reason): the instance's Transfer Syntax is not accepted.
+STORE_TRANSFER_SYNTAX_NOT_SUPPORTED = Status(
+    0xC122, "Referenced Transfer Syntax not supported", "PS3.18 I.2.2"
+)
 # PS3.7 C.4.2: the Affected SOP Class in the command is not the context's abstract syntax.
 SOP_CLASS_NOT_SUPPORTED = Status(0x0122, "Refused: SOP Class not supported", "PS3.7 C.4.2")
 

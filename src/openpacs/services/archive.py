@@ -1,4 +1,4 @@
-"""The archive: the one ingest path for every way an instance arrives (C-STORE, import, later STOW).
+"""The archive: the one ingest path for every way an instance arrives (C-STORE, import, STOW-RS).
 
 Owns: turning received bytes into a durably stored, indexed instance and a DIMSE status —
 streaming a data set to memory or (beyond ``SPILL_BYTES``) straight into its blob file, scanning
@@ -18,7 +18,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,9 @@ class StoreResult:
     study_instance_uid: str | None = None
     size: int = 0
     detail: str | None = None  # the full reason, for logs and the import summary
+    # Filled by import_blob (STOW-RS needs them for its response); None elsewhere.
+    sop_class_uid: str | None = None
+    series_instance_uid: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -619,6 +622,111 @@ class Archive:
                 header=header,
                 dataset_offset=len(prefix) + offset,
             )
+        finally:
+            with contextlib.suppress(BufferError):
+                view.release()
+                mapped.close()
+
+    def import_blob(
+        self,
+        writer: BlobWriter,
+        *,
+        via: str,
+        study_uid: str | None = None,
+        sop_classes: Container[str] | None = None,
+        transfer_syntaxes: Container[str] | None = None,
+    ) -> StoreResult:
+        """File a Part 10 file that was streamed straight into a new blob (STOW-RS writes each
+        part into its blob as it arrives, so an instance of any size costs no memory) through the
+        same path as C-STORE and import: the header is scanned, the instance checked, the blob
+        fsynced and its row committed before success is returned. The blob is the file as
+        received (its own File Meta Information kept, like ``import_file``).
+
+        Refused before filing: no Part 10 File Meta Information or a malformed data set (C000);
+        with *sop_classes*, a class not in it (0122); with *transfer_syntaxes*, a syntax not in it
+        (C122); with *study_uid*, another Study Instance UID (A900). A refused blob is removed.
+        The result names the instance's SOP Class and Series as far as they could be read."""
+        size = writer.size
+        try:
+            fd = os.open(writer.path, os.O_RDONLY)
+            try:
+                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            writer.abort()
+            return self._blob_failure(exc, None)
+        if mapped is None:
+            writer.abort()
+            return self._refuse(st.STORE_CANNOT_UNDERSTAND, "Empty part", None, None, via)
+        view = memoryview(mapped)
+        try:
+            try:
+                meta, header = scan_part10(view)
+            except DatasetFormatError as exc:
+                writer.abort()
+                return self._refuse(
+                    st.STORE_CANNOT_UNDERSTAND,
+                    "Not a DICOM Part 10 file, or its data set is malformed",
+                    None,
+                    None,
+                    via,
+                    detail=str(exc),
+                )
+            sop_class = header.text(records.T["SOPClassUID"]) or meta.sop_class_uid
+            sop_uid = header.text(records.T["SOPInstanceUID"]) or meta.sop_instance_uid
+            series_uid = header.text(records.T["SeriesInstanceUID"])
+            found_study = header.text(records.T["StudyInstanceUID"])
+            refusal: StoreResult | None = None
+            if sop_classes is not None and sop_class and sop_class not in sop_classes:
+                refusal = self._refuse(
+                    st.SOP_CLASS_NOT_SUPPORTED,
+                    "SOP Class not supported",
+                    sop_uid,
+                    None,
+                    via,
+                    detail=sop_class,
+                )
+            elif transfer_syntaxes is not None and meta.transfer_syntax not in transfer_syntaxes:
+                refusal = self._refuse(
+                    st.STORE_TRANSFER_SYNTAX_NOT_SUPPORTED,
+                    "Transfer Syntax not supported",
+                    sop_uid,
+                    None,
+                    via,
+                    detail=meta.transfer_syntax,
+                )
+            elif study_uid is not None and found_study and found_study != study_uid:
+                refusal = self._refuse(
+                    st.STORE_SOP_CLASS_MISMATCH,
+                    "Study Instance UID does not match the request",
+                    sop_uid,
+                    None,
+                    via,
+                    detail=f"data set {found_study}, request {study_uid}",
+                )
+            if refusal is not None:
+                writer.abort()
+                result = refusal
+            else:
+                result = self._file(
+                    view[meta.dataset_offset :],
+                    transfer_syntax=meta.transfer_syntax,
+                    expected_class=meta.sop_class_uid,
+                    expected_instance=meta.sop_instance_uid,
+                    calling_ae=None,
+                    via=via,
+                    write_blob=lambda: writer,
+                    drop_blob=writer.abort,
+                    header=header,
+                    dataset_offset=meta.dataset_offset,
+                )
+            del header
+            result.sop_instance_uid = result.sop_instance_uid or sop_uid
+            result.sop_class_uid = sop_class
+            result.series_instance_uid = series_uid
+            result.study_instance_uid = result.study_instance_uid or found_study
+            return result
         finally:
             with contextlib.suppress(BufferError):
                 view.release()
