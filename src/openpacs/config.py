@@ -174,6 +174,13 @@ class MppsConfig:
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # CORS: browser origins allowed to call the API and DICOMweb (OHIF Viewer...); an entry
+    # "scheme://host:*" allows any port, "*" any origin. Default: pages served from this machine.
+    allowed_origins: tuple[str, ...] = ("http://localhost:*", "http://127.0.0.1:*")
+    max_request_size: int = 2 << 30  # STOW-RS body limit in bytes (seed 002: 2 GB) → 413
+    # the URL clients reach the server by (behind a reverse proxy), for RetrieveURL/BulkDataURI;
+    # empty: from the request's Host header
+    public_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -364,7 +371,21 @@ def parse_config(
     index_raw = _section(raw, "index")
     _check_keys(index_raw, {"url", "busy_timeout"}, "index")
     http_raw = _section(raw, "http")
-    _check_keys(http_raw, {"host", "port"}, "http")
+    _check_keys(
+        http_raw, {"host", "port", "allowed_origins", "max_request_size", "public_url"}, "http"
+    )
+    public_url = _str(http_raw.get("public_url", ""), "http.public_url").rstrip("/")
+    if public_url and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", public_url):
+        raise ConfigError(f"http.public_url: {public_url!r} is not an http(s) URL")
+    origins = http_raw.get("allowed_origins", list(HttpConfig.allowed_origins))
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError("http.allowed_origins: must be a list of origins such as 'http://host:*'")
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s:]+(:(\d+|\*))?", origin):
+            raise ConfigError(
+                f"http.allowed_origins: {origin!r} is not an origin (scheme://host[:port|:*]) "
+                "or '*'"
+            )
     hl7_raw = _section(raw, "hl7")
     hl7_keys = {"host", "port", "primary_issuer", "orm_station_ae_field", "default_coding_scheme"}
     _check_keys(hl7_raw, hl7_keys, "hl7")
@@ -395,6 +416,14 @@ def parse_config(
         http=HttpConfig(
             host=_host(http_raw.get("host", HttpConfig.host), "http.host"),
             port=_port(http_raw.get("port", HttpConfig.port), "http.port"),
+            allowed_origins=tuple(origins),
+            public_url=public_url,
+            max_request_size=_int_range(
+                http_raw.get("max_request_size", HttpConfig.max_request_size),
+                "http.max_request_size",
+                1024,
+                1 << 50,
+            ),
         ),
         hl7=Hl7Config(
             host=_host(hl7_raw.get("host", Hl7Config.host), "hl7.host"),

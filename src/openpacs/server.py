@@ -101,12 +101,12 @@ def start_singletons(config: Config, archive: Archive) -> list[_Stoppable]:
     the HL7 listener."""
     from openpacs.hl7.messages import MappingOptions
     from openpacs.hl7.mllp import Hl7Listener
-    from openpacs.web.api import create_app
+    from openpacs.web.app import create_app
     from openpacs.web.server import HttpServer
 
     started: list[_Stoppable] = [start_jobs(config, archive)]
     worklist = WorklistService(archive.engine, archive.writer, config.query.max_results)
-    http = HttpServer(create_app(worklist), config.http)
+    http = HttpServer(create_app(config, archive, worklist), config.http)
     http.start()
     started.append(http)
     options = MappingOptions(

@@ -285,9 +285,12 @@ class QueryService:
         self.dialect = engine.dialect.name
 
     # ------------------------------------------------------------------ C-FIND
-    def prepare(self, model: Model, identifier: Dataset) -> FindRequest:
+    def prepare(self, model: Model, identifier: Dataset, relational: bool = False) -> FindRequest:
+        """The request for *identifier*; ``relational`` (QIDO-RS) allows matching keys of the
+        levels above the query level, which hierarchical C-FIND refuses."""
         level = parse_level(model, identifier)
-        check_hierarchical(model, level, identifier)
+        if not relational:
+            check_hierarchical(model, level, identifier)
         request = FindRequest(model, level, identifier)
         allowed = set(_ancestor_levels(model, level))
         for elem in identifier:
@@ -325,6 +328,24 @@ class QueryService:
     def find(self, request: FindRequest, today: str | None = None) -> Iterator[Identifier]:
         """Response identifiers, one per match. Raises TooManyMatches before yielding anything
         when the match count exceeds max_results."""
+        pks = self._matches(request, today, 0, None)
+        for start in range(0, len(pks), 500):
+            yield from self._responses(request, pks[start : start + 500])
+
+    def find_page(
+        self, request: FindRequest, offset: int, limit: int, today: str | None = None
+    ) -> tuple[list[Identifier], bool]:
+        """One page of matches (QIDO-RS limit/offset, in a stable order) and whether more
+        follow it."""
+        pks = self._matches(request, today, offset, limit + 1)
+        more = len(pks) > limit
+        return list(self._responses(request, pks[:limit])), more
+
+    def _matches(
+        self, request: FindRequest, today: str | None, offset: int, page: int | None
+    ) -> list[int]:
+        """Primary keys of the matches at the request's level, in index order: all of them
+        (TooManyMatches over max_results) or the *page* after *offset*."""
         level = request.level
         allowed = set(_ancestor_levels(request.model, level))
         stmt = _base_select(level)
@@ -353,6 +374,13 @@ class QueryService:
             if high is not None:
                 stmt = stmt.where(studies.c.study_datetime <= high)
         stmt = stmt.order_by(TABLE[level].c.pk)
+        if page is not None:
+            with self.engine.connect() as conn:
+                if not python_side:
+                    return list(conn.execute(stmt.offset(offset).limit(page)).scalars())
+                pks = list(conn.execute(stmt).scalars())
+            pks = [pk for pk in pks if self._python_match(level, pk, python_side)]
+            return pks[offset : offset + page]
         limit = self.max_results
         with self.engine.connect() as conn:
             pks = list(conn.execute(stmt if python_side else stmt.limit(limit + 1)).scalars())
@@ -360,8 +388,7 @@ class QueryService:
             pks = [pk for pk in pks if self._python_match(level, pk, python_side)]
         if len(pks) > limit:
             raise TooManyMatches(limit)
-        for start in range(0, len(pks), 500):
-            yield from self._responses(request, pks[start : start + 500])
+        return pks
 
     def _sql_condition(self, c: Constraint, allowed: set[Level]) -> ColumnElement[bool] | None:
         if c.tag == REQUEST_ATTRIBUTES_SEQUENCE:

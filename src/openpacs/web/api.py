@@ -3,7 +3,7 @@
 Owns: ``/api/health``; ``GET /api/worklist`` (list), ``POST /api/worklist`` (schedule: the JSON
 form of a worklist item, answered 201 only after it is committed; 400 naming the field for
 invalid input), ``DELETE /api/worklist/{accession}`` (cancel; 404 when unknown). DICOMweb
-mounts beside it (its issue). Starlette, because the project's HTTP stack is ASGI.
+is mounted beside it (``web.app``). Starlette, because the project's HTTP stack is ASGI.
 Must not: hold worklist rules (``services.worklist`` does).
 """
 
@@ -14,7 +14,6 @@ import json
 import logging
 from typing import Any
 
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -60,7 +59,7 @@ def item_from_request(body: Any) -> WorklistItem:
         raise OrderError(str(exc).replace("__init__() ", "")) from exc
 
 
-def create_app(worklist: WorklistService) -> Starlette:
+def api_routes(worklist: WorklistService) -> list[Route]:
     async def health(_request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
@@ -111,11 +110,9 @@ def create_app(worklist: WorklistService) -> Starlette:
         log.info("worklist via API from %s: %s", peer(request), done[0])
         return JSONResponse({"result": done[0]})
 
-    return Starlette(
-        routes=[
-            Route("/api/health", health),
-            Route("/api/worklist", list_items, methods=["GET"]),
-            Route("/api/worklist", add_item, methods=["POST"]),
-            Route("/api/worklist/{accession}", cancel_item, methods=["DELETE"]),
-        ]
-    )
+    return [
+        Route("/api/health", health),
+        Route("/api/worklist", list_items, methods=["GET"]),
+        Route("/api/worklist", add_item, methods=["POST"]),
+        Route("/api/worklist/{accession}", cancel_item, methods=["DELETE"]),
+    ]
