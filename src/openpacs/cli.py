@@ -1,4 +1,4 @@
-"""The `openpacs` command line: serve, import, studies.
+"""The `openpacs` command line: serve, import, studies, worklist, mpps, modality.
 
 Owns: argument parsing (command names and flags are public interface), logging setup, and the
 human output of each command. Must not: contain archive logic (it calls services).
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="data folder (default ./openpacs-data)")
         p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
-    serve = sub.add_parser("serve", help="run the archive (DICOM listener; HTTP and HL7 to come)")
+    serve = sub.add_parser("serve", help="run the archive (DICOM, DICOMweb/HTTP and HL7 listeners)")
     common(serve)
     serve.add_argument("--ae-title", help="our AE title (default OPENPACS)")
     serve.add_argument("--dicom-port", type=int, help="DICOM port (default 11112)")
@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     mp_show.add_argument("sop_uid", help="the MPPS SOP Instance UID")
     mp_show.add_argument("--json", action="store_true", help="DICOM JSON model (PS3.18 F.2)")
     mp_show.set_defaults(func=cmd_mpps_show)
+
+    from openpacs.modality.cli import add_parser as add_modality
+
+    add_modality(sub, _setup_logging)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The virtual modality (`openpacs modality`): a DX/CR modality's DICOM behaviour (seed 004)."""
