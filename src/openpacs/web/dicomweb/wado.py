@@ -33,18 +33,19 @@ import logging
 import re
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from openpacs.dicom import frames, render, transcode
+from openpacs.dicom import frames, json_model, render, transcode
 from openpacs.dicom.frames import FrameError, FrameReader, StoredPixels
 from openpacs.dicom.render import RenderError
 from openpacs.dicom.transcode import TranscodeError
@@ -61,6 +62,7 @@ from openpacs.web.dicomweb.common import (
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+BATCH = 4 << 20  # bytes produced per thread-pool hop while streaming
 DICOM = "application/dicom"
 OCTETS = "application/octet-stream"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -227,28 +229,78 @@ def _boundary() -> str:
     return uuid.uuid4().hex
 
 
+def _part_head(boundary: str, headers: dict[str, str], first: bool) -> bytes:
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return ("" if first else "\r\n").encode() + f"--{boundary}\r\n{head}\r\n".encode()
+
+
+def _closing(boundary: str, first: bool) -> bytes:
+    return ("" if first else "\r\n").encode() + f"--{boundary}--\r\n".encode()
+
+
 def multipart(
     boundary: str, parts: Iterable[tuple[dict[str, str], Iterable[bytes]]]
 ) -> Iterator[bytes]:
     """A multipart/related body (RFC 2387) whose parts are produced as they are sent."""
     first = True
     for headers, body in parts:
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        yield ("" if first else "\r\n").encode() + f"--{boundary}\r\n{head}\r\n".encode()
+        yield _part_head(boundary, headers, first)
         yield from body
         first = False
-    yield ("" if first else "\r\n").encode() + f"--{boundary}--\r\n".encode()
+    yield _closing(boundary, first)
 
 
-def _streaming(chunks: Iterator[bytes], media_type: str, what: str, **kw: Any) -> Response:
-    def guarded() -> Iterator[bytes]:
-        try:
-            yield from chunks
-        except Exception as exc:  # the status line is sent: all we can do is cut the stream
-            log.error("%s: failed after the response started, connection cut: %s", what, exc)
-            raise
+def multipart_length(boundary: str, parts: Iterable[tuple[dict[str, str], int]]) -> int:
+    """The length of the body ``multipart`` produces for parts of these sizes."""
+    total, first = 0, True
+    for headers, size in parts:
+        total += len(_part_head(boundary, headers, first)) + size
+        first = False
+    return total + len(_closing(boundary, first))
 
-    return StreamingResponse(guarded(), media_type=media_type, **kw)
+
+def _take(chunks: Iterator[bytes], limit: int) -> list[bytes]:
+    """The next pieces of *chunks*, about *limit* bytes of them (in the thread pool)."""
+    out: list[bytes] = []
+    size = 0
+    for piece in chunks:
+        out.append(piece)
+        size += len(piece)
+        if size >= limit:
+            break
+    return out
+
+
+async def _batched(chunks: Iterator[bytes], what: str) -> AsyncIterator[bytes]:
+    """*chunks* (file reads, transcoding: blocking work) pulled in the thread pool about BATCH
+    bytes at a time — one thread hop per batch, not per piece — and sent piece by piece
+    without copying. Starlette cancels this when the client goes away; the files close."""
+    try:
+        while batch := await run_in_threadpool(_take, chunks, BATCH):
+            for piece in batch:
+                yield piece
+    except Exception as exc:  # the status line is sent: all we can do is cut the stream
+        log.error("%s: failed after the response started, connection cut: %s", what, exc)
+        raise
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await run_in_threadpool(close)
+
+
+def _streaming(
+    chunks: Iterator[bytes],
+    media_type: str,
+    what: str,
+    length: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """A streamed answer; with *length* (every part's size known: stored files) it has a
+    Content-Length, else it is sent with chunked transfer coding."""
+    headers = dict(headers or {})
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    return StreamingResponse(_batched(chunks, what), media_type=media_type, headers=headers)
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
@@ -346,22 +398,31 @@ def retrieve_dicom(ctx: WebContext, request: Request, level: str) -> Response:
     deliveries = [plan(item, _path(ctx, item), choices) for item in items]
     what = f"WADO-RS {request.url.path}"
     first = _primed(deliveries[0])
+    sizes = [d.path.stat().st_size if d.target is None else None for d in deliveries]
     if not multi:
         (d,) = deliveries
-        return _streaming(first, f"{DICOM}; transfer-syntax={d.transfer_syntax}", what)
+        media = f"{DICOM}; transfer-syntax={d.transfer_syntax}"
+        return _streaming(first, media, what, sizes[0])
+    heads = []
+    for d, size in zip(deliveries, sizes, strict=True):
+        headers = {"Content-Type": f"{DICOM}; transfer-syntax={d.transfer_syntax}"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        heads.append(headers)
 
     def parts() -> Iterator[tuple[dict[str, str], Iterable[bytes]]]:
-        for n, d in enumerate(deliveries):
-            headers = {"Content-Type": f"{DICOM}; transfer-syntax={d.transfer_syntax}"}
-            if d.target is None:
-                headers["Content-Length"] = str(d.path.stat().st_size)
+        for n, (d, headers) in enumerate(zip(deliveries, heads, strict=True)):
             yield headers, first if n == 0 else d.body()
 
     boundary = _boundary()
+    length = None
+    if all(size is not None for size in sizes):  # every part as stored: the length is known
+        length = multipart_length(boundary, zip(heads, (s or 0 for s in sizes), strict=True))
     return _streaming(
         multipart(boundary, parts()),
         f'multipart/related; type="{DICOM}"; boundary={boundary}',
         what,
+        length,
     )
 
 
@@ -467,8 +528,42 @@ def _read_header(path: Path, item: RetrieveItem, defer: bool = True) -> Dataset:
         raise WebError(500, f"the stored instance {item.sop_uid} cannot be read: {exc}") from exc
 
 
+def _uid_of(dataset: Mapping[str, Any], key: str) -> str:
+    """A UID of the bulk data URIs, as the pydicom path names it ('' when absent or empty)."""
+    value = dataset.get(key, {}).get("Value")
+    if not value:
+        return ""
+    if len(value) > 1:
+        raise json_model.Unsupported(f"({key}) has {len(value)} values")
+    return str(value[0])
+
+
 def instance_metadata(path: Path, item: RetrieveItem, root: str) -> bytes:
-    """One instance's DICOM JSON (encoded), read without its pixel data."""
+    """One instance's DICOM JSON (encoded), read without its pixel data: encoded from the
+    file's bytes (``dicom.json_model``), through pydicom when that declines the file."""
+
+    def base(ds: Mapping[str, Any]) -> str:
+        study, series = _uid_of(ds, "0020000D"), _uid_of(ds, "0020000E")
+        return f"{root}/studies/{study}/series/{series}/instances/{item.sop_uid}/bulkdata"
+
+    try:
+        encoded = json_model.encode_file(
+            path, lambda ds, here: f"{base(ds)}/{'/'.join(here)}", BULK_DATA_THRESHOLD
+        )
+        obj = encoded.dataset
+        if encoded.pixels is not None:
+            tag = f"{encoded.pixels.tag:08X}"
+            vr = "OB" if encoded.pixels.encapsulated else encoded.pixels.vr
+            obj[tag] = {"vr": vr, "BulkDataURI": f"{base(obj)}/{tag}"}
+    except json_model.Unsupported as exc:
+        log.debug("instance %s: metadata through pydicom: %s", item.sop_uid, exc)
+        return _pydicom_metadata(path, item, root)
+    obj[f"{AVAILABLE_TRANSFER_SYNTAX_UID:08X}"] = {"vr": "UI", "Value": [item.transfer_syntax]}
+    return json.dumps(dict(sorted(obj.items())), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _pydicom_metadata(path: Path, item: RetrieveItem, root: str) -> bytes:
+    """:func:`instance_metadata` through pydicom (``dcmread`` and ``dataset_json``)."""
     pixels = _pixels(path, item, split_frames=False)
     ds = _read_header(path, item)
     base = (
