@@ -607,3 +607,74 @@ def test_commitment_outcomes(mode: str, tmp_path: Path) -> None:
             assert peer.replies == [0x0211, 0x0000]
     finally:
         peer.stop()
+
+
+def test_listener_answers_echo_and_keeps_images(tmp_path: Path) -> None:
+    """`openpacs modality listen`: DCMTK's echoscu and storescu against the modality (seed 004
+    T3-16/T3-22: CR, DX and SC accepted; other classes refused)."""
+    echoscu, storescu = require_tool("echoscu"), require_tool("storescu")
+    port = free_port()
+    config = modality_config(tmp_path / "m.toml", port)
+    received = tmp_path / "in"
+    proc = subprocess.Popen(
+        [
+            "openpacs",
+            "modality",
+            "listen",
+            "--config",
+            str(config),
+            "--json",
+            "--received-dir",
+            str(received),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_listening(port)
+        done = subprocess.run(
+            [echoscu, "-aec", "MOD1", "127.0.0.1", str(port)],
+            env=tool_env(),
+            capture_output=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        dx = tmp_path / "dx.dcm"
+        from openpacs.modality import objects
+        from openpacs.modality.config import ModalityConfig
+
+        conf = ModalityConfig()
+        proc_ = objects.unscheduled_procedure("L1", "Listen^Lena")
+        (image,) = objects.make_images(
+            proc_, objects.new_performed(proc_, conf), conf, 1, rows=64, columns=64
+        )
+        image.save_as(dx, enforce_file_format=True)
+        done = subprocess.run(
+            [storescu, "-aec", "MOD1", "127.0.0.1", str(port), str(dx)],
+            env=tool_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        ct = tmp_path / "ct.dcm"
+        from support import make_image
+
+        make_image().save_as(ct, enforce_file_format=True)
+        done = subprocess.run(
+            [storescu, "-aec", "MOD1", "127.0.0.1", str(port), str(ct)],
+            env=tool_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode != 0  # CT Image Storage is not a class the modality accepts
+        stored = list(received.iterdir())
+        assert [p.name for p in stored] == [f"{image.SOPInstanceUID}.dcm"]
+        assert pydicom.dcmread(stored[0]).PatientID == "L1"
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["received"] == [str(image.SOPInstanceUID)]

@@ -1,4 +1,4 @@
-"""`openpacs modality …`: the virtual modality's commands (worklist, run, echo, query).
+"""`openpacs modality …`: the virtual modality's commands (worklist, run, echo, query, listen).
 
 Owns: their arguments (names and flags are public interface), the human output (tables, one line
 per step) and ``--json`` (one JSON document on stdout: every step, status and UID), and the exit
@@ -72,6 +72,16 @@ def add_parser(sub: Any, setup_logging: Any) -> None:
     echo = msub.add_parser("echo", help="C-ECHO every configured peer")
     common(echo)
     echo.set_defaults(func=cmd_echo)
+
+    listen = msub.add_parser(
+        "listen", help="run the modality's listener: C-ECHO, C-STORE (CR/DX/SC), commitment reports"
+    )
+    common(listen)
+    listen.add_argument("--received-dir", default="received", help="where received images go")
+    listen.add_argument(
+        "--seconds", type=float, help="stop after this long (default: until signal)"
+    )
+    listen.set_defaults(func=cmd_listen)
 
     query = msub.add_parser("query", help="Study Root C-FIND (seed 004 T3-37) to a [[store]] peer")
     common(query)
@@ -216,6 +226,40 @@ def cmd_echo(args: argparse.Namespace) -> int:
     ok = all(s.ok for s in steps)
     _emit(args, {"ok": ok, "steps": [s.to_json() for s in steps]}, [s.line() for s in steps])
     return 0 if ok else 1
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from openpacs.modality.scu import Listener
+
+    config = _config(args)
+    listener = Listener(config, Path(args.received_dir))
+    try:
+        listener.start()
+    except OSError as exc:
+        print(
+            f"openpacs modality: cannot listen on {config.host}:{config.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"listening on {config.host}:{config.port} as {config.ae_title}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait(args.seconds)
+    listener.stop()
+    _emit(
+        args,
+        {"ok": True, "received": listener.received},
+        [f"received {len(listener.received)} instance(s)"],
+    )
+    return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
