@@ -273,6 +273,12 @@ def index_rows(data_dir: Path, table: str, **where: Any) -> list[dict[str, Any]]
         conn.close()
 
 
+def blob_files(data_dir: Path) -> list[Path]:
+    """The blob files that hold data. A running server keeps a few empty pre-created files
+    ready for the next instances (blobs/files.py): they are not instances."""
+    return sorted(p for p in (data_dir / "blobs").rglob("*.dcm") if p.stat().st_size > 0)
+
+
 def blob_path(data_dir: Path, key: str) -> Path:
     return data_dir / "blobs" / f"{key}.dcm"
 

@@ -17,6 +17,7 @@ from support import (
     MR_IMAGE,
     RawScu,
     associate_rq,
+    blob_files,
     blob_path,
     encode_dataset,
     index_rows,
@@ -51,9 +52,7 @@ def _rows_have_intact_files(data_dir: Path) -> list[dict]:
         path = blob_path(data_dir, row["blob_key"])
         assert path.stat().st_size == row["size"]
         scan_part10(path.read_bytes())  # a complete, structurally valid Part 10 file
-    assert {blob_path(data_dir, r["blob_key"]) for r in rows} == set(
-        (data_dir / "blobs").rglob("*.dcm")
-    )
+    assert {blob_path(data_dir, r["blob_key"]) for r in rows} == set(blob_files(data_dir))
     return rows
 
 

@@ -13,6 +13,7 @@ from support import (
     MR_IMAGE,
     SC_IMAGE,
     RawScu,
+    blob_files,
     dataset_bytes_of_file,
     encode_dataset,
     index_rows,
@@ -258,7 +259,7 @@ def test_duplicate_policy(make_server, policy: str) -> None:
     (study,) = index_rows(srv.data_dir, "studies")
     assert study["num_instances"] == len(rows)
     # no stray blob files either way
-    blobs = list((srv.data_dir / "blobs").rglob("*.dcm"))
+    blobs = blob_files(srv.data_dir)
     assert len(blobs) == len(rows)
 
 

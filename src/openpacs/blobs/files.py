@@ -7,11 +7,20 @@ dead process, in the hours since it started, need checking),
 writing them durably (data fsynced, then the directory entry fsynced) before anyone acknowledges
 them, streaming writes for large instances, reading, deleting, and listing keys so that files
 without an index row can be removed after a crash.
+Pre-created files: when the store syncs, a background thread keeps a small pool of empty files
+whose directory entries are already durable (created in a batch, one directory fsync per batch).
+A new blob takes one, so acknowledging it costs one fsync of its own data and size instead of
+creating it, fsyncing it (which journals the creation) and fsyncing the directory: 173 against
+329 µs per 8 KiB instance measured on this VM's ext4. Pool files older than ``POOL_MAX_AGE`` are
+deleted, never used (crash recovery looks at the hour directories of the last hour), and unused
+ones are deleted on close; an empty file left by a crash is removed by recovery like any
+incomplete blob.
 Must not: know about the index or parse DICOM.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -21,19 +30,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 SUFFIX = ".dcm"
+POOL_SIZE = 32  # pre-created empty files kept ready (see the module docstring)
+POOL_MAX_AGE = 600.0  # seconds; older ones are deleted unused
 
 
 class BlobWriter:
     """A blob being written; :meth:`commit` makes it durable, :meth:`abort` removes it."""
 
-    def __init__(self, store: FileBlobStore, key: str) -> None:
+    def __init__(self, store: FileBlobStore, key: str, precreated: bool = False) -> None:
         self.store = store
         self.key = key
-        self.path = store.path(key)
-        store.ensure_dir(self.path.parent)
-        self._fd: int | None = os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
-        )
+        self.path = store.path_str(key)  # a str: pathlib costs ~20 µs per instance here
+        self.precreated = precreated  # an empty pool file whose directory entry is durable
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        if precreated:
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | cloexec)
+        else:
+            store.ensure_dir(os.path.dirname(self.path))
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o644)
         self.size = 0
         store._opened(key)
 
@@ -63,8 +77,8 @@ class BlobWriter:
         finally:
             os.close(fd)
             self.store._closed(self.key)
-        if self.store.fsync:
-            self.store.sync_dir(self.path.parent)
+        if self.store.fsync and not self.precreated:
+            self.store.sync_dir(os.path.dirname(self.path))
         return self.size
 
     def abort(self) -> None:
@@ -85,8 +99,13 @@ class FileBlobStore:
         self.token = token or uuid.uuid4().hex[:8]
         self._open: dict[str, float] = {}  # key -> creation time, for blobs being written
         self._open_lock = threading.Lock()
-        self._dirs: set[Path] = set()
+        self._root = str(root)
+        self._dirs: set[str] = set()
         root.mkdir(parents=True, exist_ok=True)
+        self._pool: collections.deque[tuple[str, float]] = collections.deque()
+        self._pool_cond = threading.Condition()
+        self._pool_thread: threading.Thread | None = None
+        self._closing = False
 
     def _opened(self, key: str) -> None:
         with self._open_lock:
@@ -107,18 +126,23 @@ class FileBlobStore:
     def path(self, key: str) -> Path:
         return self.root / (key + SUFFIX)
 
-    def ensure_dir(self, directory: Path) -> None:
+    def path_str(self, key: str) -> str:
+        return f"{self._root}/{key}{SUFFIX}"
+
+    def ensure_dir(self, directory: str | Path) -> None:
+        directory = str(directory)
         if directory in self._dirs:
             return
-        if not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, exist_ok=True)
             if self.fsync:  # the new directories' entries must be durable too
-                self.sync_dir(directory.parent)
-                self.sync_dir(directory.parent.parent)
+                parent = os.path.dirname(directory)
+                self.sync_dir(parent)
+                self.sync_dir(os.path.dirname(parent))
         self._dirs.add(directory)
 
     @staticmethod
-    def sync_dir(directory: Path) -> None:
+    def sync_dir(directory: str | Path) -> None:
         fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(fd)
@@ -126,7 +150,93 @@ class FileBlobStore:
             os.close(fd)
 
     def create(self, key: str | None = None) -> BlobWriter:
+        if key is None and self.fsync:
+            pooled = self._take_precreated()
+            if pooled is not None:
+                try:
+                    return BlobWriter(self, pooled, precreated=True)
+                except FileNotFoundError:  # removed behind our back: create one instead
+                    pass
         return BlobWriter(self, key or self.new_key())
+
+    # ------------------------------------------------------------------ pre-created files
+    def _take_precreated(self) -> str | None:
+        stale: list[str] = []
+        key = None
+        with self._pool_cond:
+            if self._closing:
+                return None
+            if self._pool_thread is None:
+                self._pool_thread = threading.Thread(
+                    target=self._refill, name="blob-pool", daemon=True
+                )
+                self._pool_thread.start()
+            now = time.time()
+            while self._pool:
+                candidate, created = self._pool.popleft()
+                if now - created < POOL_MAX_AGE:
+                    key = candidate
+                    break
+                stale.append(candidate)
+            if len(self._pool) < POOL_SIZE // 2:
+                self._pool_cond.notify()
+        for old in stale:
+            self.delete(old)
+        return key
+
+    def _refill(self) -> None:
+        """Keep the pool filled: create a batch of empty files, fsync their directories once."""
+        while True:
+            with self._pool_cond:
+                while not self._closing and len(self._pool) >= POOL_SIZE // 2:
+                    self._pool_cond.wait(POOL_MAX_AGE / 4)
+                    if self._pool and time.time() - self._pool[0][1] >= POOL_MAX_AGE:
+                        break  # refresh a pool nobody used for a while
+                if self._closing:
+                    return
+                missing = POOL_SIZE - len(self._pool)
+            made: list[str] = []
+            try:
+                dirs: set[str] = set()
+                for _ in range(missing):
+                    key = self.new_key()
+                    path = self.path_str(key)
+                    directory = os.path.dirname(path)
+                    self.ensure_dir(directory)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                    os.close(os.open(path, flags, 0o644))
+                    made.append(key)
+                    dirs.add(directory)
+                for directory in dirs:
+                    self.sync_dir(directory)
+            except OSError:  # a full or failing disk: blobs are then created one by one
+                for key in made:
+                    self.delete(key)
+                time.sleep(1.0)
+                continue
+            now = time.time()
+            with self._pool_cond:
+                if self._closing:
+                    doomed = made
+                else:
+                    self._pool.extend((key, now) for key in made)
+                    doomed = []
+            for key in doomed:
+                self.delete(key)
+
+    def close(self) -> None:
+        """Stop the pool and delete its unused files."""
+        with self._pool_cond:
+            self._closing = True
+            self._pool_cond.notify_all()
+            thread = self._pool_thread
+        if thread is not None:
+            thread.join(timeout=10)
+        with self._pool_cond:
+            left = [key for key, _ in self._pool]
+            self._pool.clear()
+        for key in left:
+            self.delete(key)
 
     def write(
         self, parts: Sequence[bytes | bytearray | memoryview], key: str | None = None
@@ -149,7 +259,7 @@ class FileBlobStore:
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(key))
+            os.unlink(self.path_str(key))
 
     @staticmethod
     def hour_prefixes(since: float, until: float) -> list[str]:

@@ -295,6 +295,7 @@ class Archive:
         return True
 
     def close(self, *, clean: bool = True) -> None:
+        self.blobs.close()
         self.writer.close()
         self.engine.dispose()
         if clean and self._run_file is not None:

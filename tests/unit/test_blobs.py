@@ -1,0 +1,79 @@
+"""The file blob store: durable writes, and the pool of pre-created files."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from openpacs.blobs import files
+from openpacs.blobs.files import FileBlobStore
+
+
+def _wait_pool(store: FileBlobStore, at_least: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(store._pool) < at_least:
+        assert time.monotonic() < deadline, "the pool was not filled"
+        time.sleep(0.01)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*" + files.SUFFIX))
+
+
+def test_blobs_come_from_the_pool_and_are_written_in_place(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path, token="abcd0123")
+    first = store.create()  # starts the pool; this one may be created directly
+    first.write(b"x" * 10)
+    first.commit()
+    _wait_pool(store, files.POOL_SIZE // 2)
+    pooled = [key for key, _ in store._pool]
+    writer = store.create()
+    assert writer.precreated and writer.key == pooled[0]
+    assert os.path.getsize(writer.path) == 0  # the pool file is empty until written
+    writer.write_parts([b"DICM", b"-data"])
+    assert writer.commit() == 9
+    assert store.read(writer.key) == b"DICM-data"
+    assert writer.key.split("/")[-1].startswith("abcd0123")  # recovery finds it by the token
+
+    store.close()  # unused pool files are deleted
+    assert {p.name for p in _files(tmp_path)} == {
+        first.key.split("/")[-1] + files.SUFFIX,
+        writer.key.split("/")[-1] + files.SUFFIX,
+    }
+    after = store.create()  # a closed pool: blobs are created directly
+    assert not after.precreated
+    after.abort()
+
+
+def test_stale_and_vanished_pool_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FileBlobStore(tmp_path)
+    store.create().abort()
+    _wait_pool(store, files.POOL_SIZE // 2)
+    with store._pool_cond:
+        stale_key = store._pool[0][0]
+        store._pool[0] = (stale_key, time.time() - files.POOL_MAX_AGE - 1)
+        vanished_key = store._pool[1][0]
+    os.unlink(store.path(vanished_key))
+    writer = store.create()  # the stale file is deleted unused; the vanished one is skipped
+    assert writer.key not in (stale_key,)
+    assert not store.path(stale_key).exists()
+    writer.abort()
+    writer = store.create()
+    assert writer.key != vanished_key or not writer.precreated
+    writer.abort()
+    store.close()
+    assert _files(tmp_path) == []
+
+
+def test_no_pool_without_fsync(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path, fsync=False)
+    writer = store.create()
+    assert not writer.precreated
+    writer.write(b"abc")
+    writer.commit()
+    assert store._pool_thread is None
+    store.close()
+    assert len(_files(tmp_path)) == 1
