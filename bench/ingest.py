@@ -28,7 +28,7 @@ How
   is the wall clock from launching the first ``storescu`` to the exit of the
   last. Every ``storescu`` must exit 0 and the peer must hold exactly
   warm-up + corpus instances (storescp: files in its output dir; Orthanc:
-  ``GET /statistics`` CountInstances; openpacs: ``*.dcm`` under DIR/blobs),
+  ``GET /statistics`` CountInstances; openpacs: non-empty ``*.dcm`` under DIR/blobs),
   otherwise the cell reads FAILED. The peer is then stopped with SIGTERM.
 * Sender and DCMTK-based receivers run with ``TCP_NODELAY=1`` (DCMTK otherwise
   leaves Nagle on and ingest is latency-bound at ~20 inst/s). ``storescu``
@@ -539,10 +539,12 @@ def echo_ok(aet: str, port: int) -> bool:
     return rc == 0
 
 
-def count_files(root: Path, pattern: str = "*") -> int:
+def count_files(root: Path, pattern: str = "*", non_empty: bool = False) -> int:
     if not root.is_dir():
         return 0
-    return sum(1 for p in root.rglob(pattern) if p.is_file())
+    return sum(
+        1 for p in root.rglob(pattern) if p.is_file() and (not non_empty or p.stat().st_size)
+    )
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -889,7 +891,8 @@ class OpenpacsPeer(Peer):
         return Running(proc, dicom_port, data, log, http_port=http_port)
 
     def count(self, running: Running) -> int:
-        return count_files(running.data_dir / "blobs", "*.dcm")
+        # empty files are openpacs' pre-created blobs waiting for the next instances
+        return count_files(running.data_dir / "blobs", "*.dcm", non_empty=True)
 
 
 # --------------------------------------------------------------------------
@@ -1427,6 +1430,14 @@ def print_report(
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = parse_args(argv)
+    # An activated venv puts pynetdicom's own storescu/echoscu/storescp first on PATH: this
+    # harness means DCMTK's, so leave the venv's bin out (openpacs is run by its full path).
+    venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))
+    os.environ["PATH"] = os.pathsep.join(
+        d
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if d and os.path.realpath(d) != venv_bin
+    )
     for tool in ("storescu", "echoscu"):
         if shutil.which(tool) is None:
             print(f"error: DCMTK {tool} not on PATH (apt-get install dcmtk)", file=sys.stderr)
