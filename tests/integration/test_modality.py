@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -104,7 +105,7 @@ def modality_config(path: Path, port: int, **peers: Any) -> Path:
 
 def modality(config: Path, *args: str, timeout: float = 120) -> tuple[int, dict[str, Any]]:
     done = subprocess.run(
-        ["openpacs", "modality", *args, "--config", str(config), "--json"],
+        [sys.executable, "-m", "openpacs", "modality", *args, "--config", str(config), "--json"],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -618,6 +619,8 @@ def test_listener_answers_echo_and_keeps_images(tmp_path: Path) -> None:
     received = tmp_path / "in"
     proc = subprocess.Popen(
         [
+            sys.executable,
+            "-m",
             "openpacs",
             "modality",
             "listen",
