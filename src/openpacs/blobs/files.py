@@ -123,6 +123,12 @@ class FileBlobStore:
     def new_key(self) -> str:
         return time.strftime("%Y%m%d/%H/", time.gmtime()) + self.token + os.urandom(12).hex()
 
+    def new_keys(self, n: int) -> list[str]:
+        """*n* new keys at once (one clock read and one random read for the batch)."""
+        head = time.strftime("%Y%m%d/%H/", time.gmtime()) + self.token
+        noise = os.urandom(12 * n).hex()
+        return [head + noise[24 * i : 24 * (i + 1)] for i in range(n)]
+
     def path(self, key: str) -> Path:
         return self.root / (key + SUFFIX)
 
@@ -198,8 +204,7 @@ class FileBlobStore:
             made: list[str] = []
             try:
                 dirs: set[str] = set()
-                for _ in range(missing):
-                    key = self.new_key()
+                for key in self.new_keys(missing):
                     path = self.path_str(key)
                     directory = os.path.dirname(path)
                     self.ensure_dir(directory)
