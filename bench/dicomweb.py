@@ -82,7 +82,6 @@ import pydicom
 import requests
 from ingest import (
     DEFAULT_OPENPACS,
-    ORTHANC_BIN,
     WORK_DIR,
     CpuSnapshot,
     OpenpacsPeer,
@@ -99,8 +98,6 @@ from ingest import (
     _spawn,
     _tail,
     _warm_page_cache,
-    dcmtk_env,
-    free_ports,
     machine_facts,
     quiesce,
     send,
@@ -185,30 +182,13 @@ class OrthancWeb(OrthancPeer):
             "also their default)"
         )
 
-    def launch(self, run_dir: Path) -> Running:
-        data = run_dir / "data"
-        (data / "storage").mkdir(parents=True)
-        (data / "index").mkdir()
-        dicom_port, http_port = free_ports(2)
-        config = {
-            "Name": "bench",
-            "StorageDirectory": str(data / "storage"),
-            "IndexDirectory": str(data / "index"),
-            "DicomAet": self.aet,
-            "DicomPort": dicom_port,
-            "HttpPort": http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+    def extra_config(self, spare_port: int) -> dict[str, Any]:
+        return {
             "Plugins": [ORTHANC_DICOMWEB],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "LimitFindResults": 0,
             "LimitFindInstances": 0,
         }
-        cfg = run_dir / "orthanc.json"
-        cfg.write_text(json.dumps(config, indent=2))
-        log = run_dir / "orthanc.log"
-        proc = _spawn([ORTHANC_BIN, str(cfg)], log=log, env=dcmtk_env(), new_session=True)
-        return Running(proc, dicom_port, data, log, http_port=http_port)
 
     def web_root(self, running: Running) -> str:
         return f"http://127.0.0.1:{running.http_port}/dicom-web"

@@ -796,11 +796,16 @@ class OrthancPeer(Peer):
             "MaximumPduLength=16384, no plugins, default log level"
         )
 
+    def extra_config(self, spare_port: int) -> dict[str, Any]:
+        """Settings a harness adds to Orthanc's config (plugins, modalities…); *spare_port*
+        is a free port for an address Orthanc must know but never uses."""
+        return {}
+
     def launch(self, run_dir: Path) -> Running:
         data = run_dir / "data"
         (data / "storage").mkdir(parents=True)
         (data / "index").mkdir()
-        dicom_port, http_port = free_ports(2)
+        dicom_port, http_port, spare_port = free_ports(3)
         config = {
             "Name": "bench",
             "StorageDirectory": str(data / "storage"),
@@ -812,6 +817,7 @@ class OrthancPeer(Peer):
             "AuthenticationEnabled": False,
             "Plugins": [],
         }
+        config.update(self.extra_config(spare_port))
         cfg = run_dir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
         log = run_dir / "orthanc.log"

@@ -72,7 +72,6 @@ import numpy as np
 import pydicom
 from ingest import (
     DEFAULT_OPENPACS,
-    ORTHANC_BIN,
     SENDER_AET,
     WORK_DIR,
     CorpusSpec,
@@ -89,7 +88,6 @@ from ingest import (
     _file_meta,
     _mr_pixels,
     _on_sigterm,
-    _spawn,
     _tail,
     _uid,
     _warm_page_cache,
@@ -554,33 +552,15 @@ class OrthancQR(OrthancPeer):
             "CaseSensitivePN false, SynchronousCMove true, MaximumPduLength 16384 (defaults)"
         )
 
-    def launch(self, run_dir: Path) -> Running:
-        data = run_dir / "data"
-        (data / "storage").mkdir(parents=True)
-        (data / "index").mkdir()
-        dicom_port, http_port, bench_port = free_ports(3)
-        config = {
-            "Name": "bench",
-            "StorageDirectory": str(data / "storage"),
-            "IndexDirectory": str(data / "index"),
-            "DicomAet": self.aet,
-            "DicomPort": dicom_port,
-            "HttpPort": http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
+    def extra_config(self, spare_port: int) -> dict[str, Any]:
+        return {
             "DicomModalities": {
                 "dest": [DEST_AET, "127.0.0.1", self.dest_port],
-                "bench": [SENDER_AET, "127.0.0.1", bench_port],
+                "bench": [SENDER_AET, "127.0.0.1", spare_port],
             },
             "LimitFindResults": 0,
             "LimitFindInstances": 0,
         }
-        cfg = run_dir / "orthanc.json"
-        cfg.write_text(json.dumps(config, indent=2))
-        log = run_dir / "orthanc.log"
-        proc = _spawn([ORTHANC_BIN, str(cfg)], log=log, env=dcmtk_env(), new_session=True)
-        return Running(proc, dicom_port, data, log, http_port=http_port)
 
     def count_studies(self, running: Running) -> int | None:
         import urllib.request

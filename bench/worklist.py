@@ -79,7 +79,6 @@ from typing import Any, cast
 import numpy as np
 from ingest import (
     DEFAULT_OPENPACS,
-    ORTHANC_BIN,
     SENDER_AET,
     WORK_DIR,
     CpuSnapshot,
@@ -632,21 +631,9 @@ class OrthancMWL(OrthancPeer):
             "file of the folder on each query"
         )
 
-    def launch(self, run_dir: Path) -> Running:
+    def extra_config(self, spare_port: int) -> dict[str, Any]:
         assert self.database is not None
-        data = run_dir / "data"
-        (data / "storage").mkdir(parents=True)
-        (data / "index").mkdir()
-        dicom_port, http_port, bench_port = free_ports(3)
-        config = {
-            "Name": "bench",
-            "StorageDirectory": str(data / "storage"),
-            "IndexDirectory": str(data / "index"),
-            "DicomAet": self.aet,
-            "DicomPort": dicom_port,
-            "HttpPort": http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+        return {
             "Plugins": [WORKLIST_PLUGIN],
             "Worklists": {
                 "Enable": True,
@@ -654,15 +641,10 @@ class OrthancMWL(OrthancPeer):
                 "FilterIssuerAet": False,
                 "LimitAnswers": 0,
             },
-            "DicomModalities": {"bench": [SENDER_AET, "127.0.0.1", bench_port]},
+            "DicomModalities": {"bench": [SENDER_AET, "127.0.0.1", spare_port]},
             "LimitFindResults": 0,
             "LimitFindInstances": 0,
         }
-        cfg = run_dir / "orthanc.json"
-        cfg.write_text(json.dumps(config, indent=2))
-        log = run_dir / "orthanc.log"
-        proc = _spawn([ORTHANC_BIN, str(cfg)], log=log, env=dcmtk_env(), new_session=True)
-        return Running(proc, dicom_port, data, log, http_port=http_port)
 
     def start(self, run_dir: Path) -> Running:
         running = super().start(run_dir)
