@@ -1005,6 +1005,30 @@ class RunResult:
     note: str = ""
 
 
+# ext4 without a journal (this VM's root filesystem) skips inodes freed in the last 5-40 s when
+# it allocates a new one (fs/ext4/ialloc.c, recently_deleted()), reading each one's inode-table
+# block: creating files right after another run's 10,000 were deleted cost up to a third of the
+# receiver's CPU (perf, 2026-11-25). Run dirs are therefore deleted at the end, or - when the
+# scratch disk runs short - in a batch followed by a pause longer than that window.
+RECENTLY_DELETED_WINDOW_S = 45.0
+_finished_run_dirs: list[Path] = []
+
+
+def delete_finished_runs(pause: bool) -> None:
+    dirs, _finished_run_dirs[:] = list(_finished_run_dirs), []
+    for run_dir in dirs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if dirs and pause:
+        print(
+            f"  deleted {len(dirs)} finished run dir(s) to free disk; waiting "
+            f"{RECENTLY_DELETED_WINDOW_S:.0f} s (ext4 recently-deleted inode window)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os.sync()
+        time.sleep(RECENTLY_DELETED_WINDOW_S)
+
+
 def measure(
     peer: Peer,
     files: Sequence[Path],
@@ -1015,10 +1039,12 @@ def measure(
     tag: str,
     pyspy_out: Path | None,
 ) -> RunResult:
+    nbytes = sum(f.stat().st_size for f in files)
+    if shutil.disk_usage(scratch).free < 3 * nbytes + (1 << 30):
+        delete_finished_runs(pause=True)
     run_dir = Path(tempfile.mkdtemp(prefix=f"{peer.name}-{tag}-", dir=scratch))
     profile = storescu_profile(run_dir)
     expected = len(files) + len(warmup)
-    nbytes = sum(f.stat().st_size for f in files)
     notes: list[str] = []
     running: Running | None = None
     pyspy: subprocess.Popen[bytes] | None = None
@@ -1091,7 +1117,7 @@ def measure(
         if args.keep_data:
             notes.append(f"data kept in {run_dir}")
         else:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _finished_run_dirs.append(run_dir)
     result.note = "; ".join(n for n in notes if n)
     return result
 
@@ -1429,7 +1455,7 @@ def print_report(
     print("versions: " + ", ".join(f"{k}: {v}" for k, v in versions.items()))
     for name, text in durability.items():
         print(f"durability {name}: {text}")
-    for key in ("sender", "env", "timing", "quiesce", "sharding"):
+    for key in ("sender", "env", "timing", "quiesce", "sharding", "cleanup"):
         print(f"{key}: {settings[key]}")
 
 
@@ -1467,14 +1493,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.scratch.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.UTC)
     rows: list[dict[str, Any]] = []
-    for corpus in args.corpus:
-        files = ensure_corpus(corpus)[: args.limit]
-        _warm_page_cache([*files, *warmup])
-        for assocs in args.assocs:
-            row = run_row(corpus, files, assocs, active, warmup, args)
-            for name, why in unavailable.items():
-                row["peers"][name] = {"status": "n/a", "reason": why}
-            rows.append(row)
+    try:
+        for corpus in args.corpus:
+            files = ensure_corpus(corpus)[: args.limit]
+            _warm_page_cache([*files, *warmup])
+            for assocs in args.assocs:
+                row = run_row(corpus, files, assocs, active, warmup, args)
+                for name, why in unavailable.items():
+                    row["peers"][name] = {"status": "n/a", "reason": why}
+                rows.append(row)
+    finally:
+        delete_finished_runs(pause=False)
 
     facts = machine_facts(args.scratch)
     durability = {p.name: p.durability() for p in active}
@@ -1487,6 +1516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("" if args.no_warmup else " and after an untimed 20-instance warm-up"),
         "sharding": "N contiguous shards of the corpus in file order, one storescu each",
         "fresh": "each run: new empty data dir, peer started and stopped (SIGTERM)",
+        "cleanup": "run dirs deleted at the end (or, when the disk runs short, in a batch "
+        f"followed by a {RECENTLY_DELETED_WINDOW_S:.0f} s pause): never right before a run",
         "quiesce": "before each timed send: sync(2), then wait (at most "
         f"{args.quiesce:.0f} s) until the CPUs are >= 85% idle over 0.5 s",
         "repeat": args.repeat,
