@@ -38,7 +38,13 @@ from openpacs.dicom.transfer_syntaxes import (
 from openpacs.dimse import commands as cmd
 from openpacs.dimse.commitment_scp import CommitmentScp, deliver_report
 from openpacs.dimse.qr_scp import FindService, GetService, MoveService
-from openpacs.dimse.server import DimseApplication, DimseServer, SharedCounter, bind_listener
+from openpacs.dimse.server import (
+    DimseApplication,
+    DimseServer,
+    SharedCounter,
+    WorkerLoad,
+    bind_listener,
+)
 from openpacs.dimse.storage_scp import StorageService, VerificationService
 from openpacs.dimse.worklist_scp import MWL_FIND, MppsScp, WorklistScp
 from openpacs.dimse.worklist_scp import forward as forward_mpps
@@ -143,6 +149,7 @@ class Server:
         self._sock: socket.socket | None = None
         self._slots = SharedCounter()
         self._pending = SharedCounter()
+        self._load: WorkerLoad | None = None
         self._workers: dict[int, int] = {}  # pid -> worker number
         self._ready_w: int | None = None  # worker 1 writes here once its listeners are up
 
@@ -200,6 +207,7 @@ class Server:
     def _supervise(self, n: int) -> None:
         # worker 1 also runs the HTTP and HL7 listeners: "ready" once it says they are up
         ready_r, self._ready_w = os.pipe()
+        self._load = WorkerLoad(n)
         for number in range(1, n + 1):
             self._spawn(number)
         os.close(self._ready_w)
@@ -219,6 +227,8 @@ class Server:
                 if not self._stop.is_set():
                     log.error("worker %d (pid %d) died (%s); starting a new one",
                               number, pid, _describe(status))  # fmt: skip
+                    if self._load is not None:
+                        self._load.reset(number - 1)
                     self._spawn(number, recover=True)
             self._stop.wait(0.2)
         with contextlib.suppress(OSError):
@@ -270,7 +280,10 @@ class Server:
         else:
             archive.register()
         dimse = DimseServer(
-            build_dimse(self.config, archive, self._slots, self._pending), self._sock
+            build_dimse(self.config, archive, self._slots, self._pending),
+            self._sock,
+            load=self._load,
+            worker=number - 1,
         )
         dimse.start()
         singletons = start_singletons(self.config, archive) if number == 1 else []

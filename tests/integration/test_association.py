@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from pynetdicom import AE
@@ -159,3 +161,50 @@ def test_garbage_before_association_is_aborted(server, junk: bytes) -> None:
         data = sock.recv(64)
         assert data == b"" or data[0] == 0x07
     assert raw_associate(server.port, associate_rq())[0] == 0x02
+
+
+def _connections_per_process(pids: list[int], server_port: int) -> dict[int, int]:
+    """How many established TCP connections on *server_port* each process holds (Linux /proc)."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    counts = dict.fromkeys(pids, 0)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == server_port and fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED
+            counts[inodes[fields[9]]] += 1
+    return counts
+
+
+def test_associations_are_spread_over_worker_processes(make_server) -> None:
+    """Worker processes share one listening socket; whoever calls accept() first used to win,
+    so several associations could all land on one worker (one core). They are balanced."""
+    srv = make_server("[dicom]\nworkers = 2\n")
+    for _round in range(3):
+        ae = AE(ae_title="SPREAD")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = []
+        for _ in range(4):
+            assoc = ae.associate("127.0.0.1", srv.port, ae_title="OPENPACS")
+            assert assoc.is_established
+            held.append(assoc)
+        try:
+            workers = srv.pids()[1:]
+            assert len(workers) == 2
+            counts = _connections_per_process(workers, srv.port)
+            assert sorted(counts.values()) == [2, 2], counts
+            assert all(a.send_c_echo().Status == 0 for a in held)
+        finally:
+            for assoc in held:
+                assoc.release()
+        deadline = time.monotonic() + 5
+        while any(_connections_per_process(srv.pids()[1:], srv.port).values()):
+            assert time.monotonic() < deadline, "associations still counted after release"
+            time.sleep(0.05)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import select
 import socket
 import threading
 import time
@@ -48,6 +49,41 @@ class SharedCounter:
     @property
     def value(self) -> int:
         return int(self._value.value)
+
+
+class WorkerLoad:
+    """Open associations per worker process, in shared memory (created before the fork).
+
+    Worker processes accept on one listening socket; the kernel wakes all of them and whoever
+    calls accept() first wins, so four associations often landed 3:1 or 4:0 on two workers —
+    and a worker is one core (GIL). A worker that has more open associations than another
+    leaves a waiting connection to the less loaded one for BALANCE_GRACE seconds, then takes
+    it anyway (so a busy or stuck worker never strands a connection).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._counts = multiprocessing.Array("i", workers, lock=False)
+        self._lock = threading.Lock()  # re-created per process by fork's copy: per process
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def add(self, worker: int, delta: int) -> None:
+        # Only the worker itself changes its own count (its accept and association threads,
+        # serialised by a process-local lock); other processes only read it.
+        with self._lock:
+            self._counts[worker] += delta
+
+    def reset(self, worker: int) -> None:
+        """A worker died: its associations died with it (called by the master)."""
+        self._counts[worker] = 0
+
+    def least_loaded(self, worker: int) -> bool:
+        mine = self._counts[worker]
+        return all(mine <= other for other in self._counts)
+
+
+BALANCE_GRACE = 0.02  # seconds a more loaded worker leaves a new connection to the others
 
 
 class DimseApplication:
@@ -139,9 +175,18 @@ def bind_listener(config: DicomConfig) -> socket.socket:
 class DimseServer:
     """Accepts on a listening socket and serves associations until :meth:`stop`."""
 
-    def __init__(self, app: DimseApplication, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        app: DimseApplication,
+        sock: socket.socket | None = None,
+        *,
+        load: WorkerLoad | None = None,
+        worker: int = 0,
+    ) -> None:
         self.app = app
         self._sock = sock
+        self._load = load if load is not None and len(load) > 1 else None
+        self._worker = worker
         self._thread: threading.Thread | None = None
         self._connections: set[threading.Thread] = set()
         self._conn_lock = threading.Lock()
@@ -161,7 +206,10 @@ class DimseServer:
         config = self.app.config
         while not self.app.stopping.is_set():
             try:
-                conn, address = self._sock.accept()
+                if self._load is not None and not self._load.least_loaded(self._worker):
+                    conn, address = self._accept_after_grace()
+                else:
+                    conn, address = self._sock.accept()
             except (TimeoutError, BlockingIOError, InterruptedError):
                 continue  # another worker took it, or the timeout slice ended
             except OSError:
@@ -182,13 +230,37 @@ class DimseServer:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             conn.settimeout(config.artim_timeout)
             assoc = Association(self.app, conn, address)
+            if self._load is not None:
+                self._load.add(self._worker, 1)
             thread = threading.Thread(
-                target=assoc.run, name=f"assoc-{address[0]}:{address[1]}", daemon=True
+                target=self._run_association,
+                args=(assoc,),
+                name=f"assoc-{address[0]}:{address[1]}",
+                daemon=True,
             )
             with self._conn_lock:
                 self._connections = {t for t in self._connections if t.is_alive()}
                 self._connections.add(thread)
             thread.start()
+
+    def _accept_after_grace(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept only a connection that a less loaded worker left waiting (see WorkerLoad)."""
+        assert self._sock is not None
+        if not select.select([self._sock], [], [], 0.5)[0]:
+            raise TimeoutError
+        time.sleep(BALANCE_GRACE)
+        self._sock.settimeout(0.0)
+        try:
+            return self._sock.accept()  # BlockingIOError: a less loaded worker took it
+        finally:
+            self._sock.settimeout(0.5)
+
+    def _run_association(self, assoc: Association) -> None:
+        try:
+            assoc.run()
+        finally:
+            if self._load is not None:
+                self._load.add(self._worker, -1)
 
     def stop(self) -> None:
         """Stop accepting; let in-flight operations finish within shutdown_timeout."""
