@@ -77,3 +77,50 @@ def test_no_pool_without_fsync(tmp_path: Path) -> None:
     assert store._pool_thread is None
     store.close()
     assert len(_files(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("size", [256 << 10, (256 << 10) + 1, 700_001, 3 * 4096 + 4095])
+def test_large_blobs_are_written_with_o_direct(tmp_path: Path, size: int) -> None:
+    store = FileBlobStore(tmp_path, direct_io_min_size=12 * 1024)
+    payload = os.urandom(size)
+    head, body = payload[:132], bytearray(payload[132:])  # parts as the archive hands them
+    writer = store.write([head, memoryview(body)])
+    assert writer.commit() == size
+    assert store.direct_writes == 1
+    assert store.read(writer.key) == payload
+    assert os.path.getsize(store.path(writer.key)) == size
+    small = store.write([b"y" * 100])  # under the threshold: the buffered path
+    small.commit()
+    assert store.direct_writes == 1
+    assert store.read(small.key) == b"y" * 100
+    store.close()
+
+
+def test_o_direct_refused_by_the_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without O_DIRECT (EINVAL): the blob is written normally, and the store
+    stops trying."""
+    real_write = os.write
+
+    def write(fd: int, data: object) -> int:
+        if files.fcntl.fcntl(fd, files.fcntl.F_GETFL) & files._O_DIRECT:
+            raise OSError(files.errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files.os, "write", write)
+    store = FileBlobStore(tmp_path, direct_io_min_size=4096)
+    payload = os.urandom(300_000)
+    writer = store.write([payload])
+    writer.commit()
+    assert store.read(writer.key) == payload
+    assert store.direct_writes == 0 and store.direct_io_min_size == 0
+    store.close()
+
+
+def test_o_direct_off(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path, direct_io_min_size=0)
+    writer = store.write([os.urandom(1 << 20)])
+    writer.commit()
+    assert store.direct_writes == 0
+    store.close()

@@ -15,6 +15,13 @@ creating it, fsyncing it (which journals the creation) and fsyncing the director
 deleted, never used (crash recovery looks at the hour directories of the last hour), and unused
 ones are deleted on close; an empty file left by a crash is removed by recovery like any
 incomplete blob.
+Direct I/O: a blob of at least ``direct_io_min_size`` bytes written whole from memory goes to
+the disk with O_DIRECT (its 4 KiB-aligned bulk copied once into a reused, page-aligned buffer;
+the tail of under 4 KiB written normally), so the fsync does not push it through the page cache.
+On this VM a buffered 512 KiB write + fsync cost 1.15-1.8 ms (0.8-1.45 ms of kernel CPU, most of
+it page-cache writeback) against 0.47-0.77 ms (0.14-0.25 ms) with O_DIRECT; below ~200 KiB the
+buffered path is faster (microbenchmark in docs/performance.md). A file system that refuses
+O_DIRECT (EINVAL) turns it off for the store, and the blob is written normally.
 Must not: know about the index or parse DICOM.
 """
 
@@ -22,6 +29,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import fcntl
+import mmap
 import os
 import threading
 import time
@@ -32,6 +42,35 @@ from pathlib import Path
 SUFFIX = ".dcm"
 POOL_SIZE = 32  # pre-created empty files kept ready (see the module docstring)
 POOL_MAX_AGE = 600.0  # seconds; older ones are deleted unused
+DIRECT_IO_MIN_SIZE = 256 << 10  # default: blobs this large are written with O_DIRECT
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: multiples of this
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class _AlignedBuffers:
+    """Page-aligned anonymous mappings reused for O_DIRECT writes (a few kept per process)."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> mmap.mmap:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is not None and len(buf) >= size:
+            return buf
+        if buf is not None:
+            buf.close()
+        return mmap.mmap(-1, -(-size // (1 << 20)) * (1 << 20))  # whole MiB
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self.KEEP:
+                self._free.append(buf)
+                return
+        buf.close()
 
 
 class BlobWriter:
@@ -62,10 +101,49 @@ class BlobWriter:
     def write_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         assert self._fd is not None
         total = sum(len(p) for p in parts)
+        direct_min = self.store.direct_io_min_size
+        if direct_min and total >= direct_min and self.size == 0 and self._write_direct(parts):
+            return
         written = os.writev(self._fd, parts)
         self.size += written
         if written != total:  # short write: finish the rest piecewise
             self.write(memoryview(b"".join(bytes(p) for p in parts))[written:])
+
+    def _write_direct(self, parts: Sequence[bytes | bytearray | memoryview]) -> bool:
+        """The whole blob with O_DIRECT (see the module docstring); False: not done, nothing
+        written, the file system refused O_DIRECT (then it stays off for this store)."""
+        assert self._fd is not None
+        fd = self._fd
+        total = sum(len(p) for p in parts)
+        aligned = total - total % DIRECT_ALIGN
+        buf = self.store._buffers.take(total)
+        view = memoryview(buf)
+        try:
+            offset = 0
+            for part in parts:
+                view[offset : offset + len(part)] = part
+                offset += len(part)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            written = 0
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+                while written < aligned:
+                    written += os.write(fd, view[written:aligned])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or self.size or written:
+                    raise
+                self.store.direct_io_min_size = 0  # not on this file system
+                return False
+            finally:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            while written < total:
+                written += os.pwrite(fd, view[written:total], written)
+            self.size = total
+            self.store.direct_writes += 1
+            return True
+        finally:
+            view.release()
+            self.store._buffers.give(buf)
 
     def commit(self) -> int:
         """fsync data and directory entry (when the store syncs), close; returns the size."""
@@ -92,9 +170,20 @@ class BlobWriter:
 
 
 class FileBlobStore:
-    def __init__(self, root: Path, *, fsync: bool = True, token: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        fsync: bool = True,
+        token: str | None = None,
+        direct_io_min_size: int = DIRECT_IO_MIN_SIZE,
+    ) -> None:
         self.root = root
         self.fsync = fsync
+        # 0: never O_DIRECT (also where the platform has no O_DIRECT)
+        self.direct_io_min_size = direct_io_min_size if _O_DIRECT else 0
+        self.direct_writes = 0
+        self._buffers = _AlignedBuffers()
         # Prefix of every key this process creates (8 hex digits), see Archive.recover.
         self.token = token or uuid.uuid4().hex[:8]
         self._open: dict[str, float] = {}  # key -> creation time, for blobs being written

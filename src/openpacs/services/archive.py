@@ -144,7 +144,11 @@ class Archive:
         data_dir = config.storage.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
-        self.blobs = FileBlobStore(data_dir / "blobs", fsync=config.storage.fsync)
+        self.blobs = FileBlobStore(
+            data_dir / "blobs",
+            fsync=config.storage.fsync,
+            direct_io_min_size=config.storage.direct_io_min_size,
+        )
         self.engine = engine or db.make_engine(
             config.index_url, busy_timeout=config.index.busy_timeout
         )
