@@ -223,7 +223,7 @@ class InstanceIndex:
         )
 
     def _patient(self, cur: Any, rec: InstanceRecord, now: dt.datetime) -> int:
-        key = (rec.patient["patient_id"], rec.patient["issuer"])
+        key = rec.patient_key
         pk = self._patient_pk.lookup(key)
         if pk is not None:
             return int(pk)
@@ -288,7 +288,7 @@ class InstanceIndex:
         )
         for request in rec.requests:
             self._sql.insert(cur, series_requests, {**request, "series_pk": pk})
-        modality = rec.series.get("modality")
+        modality = rec.modality
         if modality:
             # Read under the write lock, not from a cache: another process may have added one.
             current = self._sql.get_modalities.execute(cur, {"b_pk": study_pk}).fetchone()[0]

@@ -477,10 +477,10 @@ class Archive:
             self.blobs.delete(old)
         log.info(
             "stored %s %s (study %s, patient %r) from %s via %s, %d bytes%s",
-            record.series.get("modality") or "-",
+            record.modality or "-",
             record.sop_uid,
             record.study_uid,
-            record.patient["patient_id"],
+            record.patient_key[0],
             calling_ae or "-",
             via,
             size,

@@ -8,11 +8,11 @@ Must not: touch the database or the blob store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
@@ -151,20 +151,6 @@ def generated_patient_id(study_uid: str) -> str:
     return "OPENPACS-" + hashlib.sha1(study_uid.encode()).hexdigest()[:16].upper()
 
 
-@dataclass
-class InstanceRecord:
-    sop_class_uid: str
-    sop_uid: str
-    study_uid: str
-    series_uid: str
-    transfer_syntax: str
-    patient: dict[str, Any]
-    study: dict[str, Any]
-    series: dict[str, Any]
-    instance: dict[str, Any]
-    requests: list[dict[str, str | None]] = field(default_factory=list)
-
-
 def _attrs_ts(header: ScannedHeader) -> str:
     """The encoding raw elements were found in (deflated data sets are scanned inflated, and a
     data set whose VR style contradicts its transfer syntax is read as it really is)."""
@@ -219,8 +205,123 @@ def _requests(header: ScannedHeader) -> list[dict[str, str | None]]:
     return out
 
 
+class InstanceRecord:
+    """Index values of one instance. The patient, study and series values (and the request
+    attributes) are built on first use: the index writer needs them only for a row it creates,
+    and most instances land in a series whose rows exist (~50 µs saved per instance)."""
+
+    def __init__(
+        self,
+        header: ScannedHeader,
+        transfer_syntax: str,
+        *,
+        sop_class_uid: str,
+        sop_uid: str,
+        study_uid: str,
+        series_uid: str,
+        patient_id: str,
+        patient_name: str,
+        generated: int,
+        charset: str | None,
+    ) -> None:
+        self._header = header
+        self.sop_class_uid = sop_class_uid
+        self.sop_uid = sop_uid
+        self.study_uid = study_uid
+        self.series_uid = series_uid
+        self.transfer_syntax = transfer_syntax
+        self._patient_name = patient_name
+        self._generated = generated
+        self._charset = _cut(charset, 128)
+        self._attrs_ts = _attrs_ts(header)
+        text = header.text
+        self.patient_key = (patient_id[:64], (text(T["IssuerOfPatientID"]) or "")[:64])
+        self.modality = _cut(text(T["Modality"]), 16)
+        self.instance: dict[str, Any] = {
+            "sop_class_uid": sop_class_uid,
+            "instance_number": header.int_value(T["InstanceNumber"]),
+            "transfer_syntax": transfer_syntax,
+            "content_date": normalize_date(text(T["ContentDate"])),
+            "content_time": normalize_time(text(T["ContentTime"])),
+            "number_of_frames": header.int_value(T["NumberOfFrames"]),
+            "rows": header.int_value(T["Rows"]),
+            "columns": header.int_value(T["Columns"]),
+            "bits_allocated": header.int_value(T["BitsAllocated"]),
+            "image_type": text(T["ImageType"]),
+            "charset": self._charset,
+            "attrs": _raw_attrs(header, INSTANCE_ATTRS),
+            "attrs_ts": self._attrs_ts,
+        }
+
+    @functools.cached_property
+    def patient(self) -> dict[str, Any]:
+        text = self._header.text
+        name = self._patient_name
+        return {
+            "patient_id": self.patient_key[0],
+            "issuer": self.patient_key[1],
+            "patient_id_generated": self._generated,
+            "patient_name": _cut(name, 400),
+            "patient_name_norm": _cut(name.upper(), 400),
+            "birth_date": normalize_date(text(T["PatientBirthDate"])),
+            "sex": _cut(text(T["PatientSex"]), 16),
+            "charset": self._charset,
+            "attrs": _raw_attrs(self._header, PATIENT_ATTRS),
+            "attrs_ts": self._attrs_ts,
+        }
+
+    @functools.cached_property
+    def study(self) -> dict[str, Any]:
+        text = self._header.text
+        study_date = normalize_date(text(T["StudyDate"]))
+        study_time = normalize_time(text(T["StudyTime"]))
+        referring = text(T["ReferringPhysicianName"])
+        return {
+            "study_uid": self.study_uid,
+            "study_date": study_date,
+            "study_time": study_time,
+            "study_datetime": (study_date + (study_time or "000000")) if study_date else None,
+            "accession_number": _cut(text(T["AccessionNumber"]), 16),
+            "study_id": _cut(text(T["StudyID"]), 16),
+            "study_description": _cut(text(T["StudyDescription"]), 64),
+            "referring_physician": _cut(referring, 400),
+            "referring_physician_norm": _cut(referring.upper(), 400) if referring else None,
+            "institution_name": _cut(text(T["InstitutionName"]), 64),
+            "charset": self._charset,
+            "attrs": _raw_attrs(self._header, STUDY_ATTRS),
+            "attrs_ts": self._attrs_ts,
+        }
+
+    @functools.cached_property
+    def series(self) -> dict[str, Any]:
+        text = self._header.text
+        return {
+            "series_uid": self.series_uid,
+            "modality": self.modality,
+            "series_number": self._header.int_value(T["SeriesNumber"]),
+            "series_description": _cut(text(T["SeriesDescription"]), 64),
+            "body_part": _cut(text(T["BodyPartExamined"]), 64),
+            "station_name": _cut(text(T["StationName"]), 16),
+            "institution_name": _cut(text(T["InstitutionName"]), 64),
+            "pps_start_date": normalize_date(text(T["PerformedProcedureStepStartDate"])),
+            "pps_start_time": normalize_time(text(T["PerformedProcedureStepStartTime"])),
+            "charset": self._charset,
+            "attrs": _raw_attrs(self._header, SERIES_ATTRS),
+            "attrs_ts": self._attrs_ts,
+        }
+
+    @functools.cached_property
+    def requests(self) -> list[dict[str, str | None]]:
+        return _requests(self._header)
+
+    def materialize(self) -> None:
+        """Build every lazy part now (before the header's buffer goes away)."""
+        _ = self.patient, self.study, self.series, self.requests
+
+
 def build_record(header: ScannedHeader, transfer_syntax: str) -> InstanceRecord:
-    """Index values for one instance; raises MissingElement for absent identifying UIDs."""
+    """Index values for one instance; raises MissingElement for absent identifying UIDs.
+    The record reads *header* (and so its buffer) until the index has filed it."""
     text = header.text
     missing = [
         name
@@ -252,71 +353,15 @@ def build_record(header: ScannedHeader, transfer_syntax: str) -> InstanceRecord:
             patient_id,
             "Patient's Name" if generated == 1 else "generated from the Study Instance UID",
         )
-    attrs_ts = _attrs_ts(header)
-    study_date = normalize_date(text(T["StudyDate"]))
-    study_time = normalize_time(text(T["StudyTime"]))
-    referring = text(T["ReferringPhysicianName"])
     return InstanceRecord(
+        header,
+        transfer_syntax,
         sop_class_uid=text(T["SOPClassUID"]) or "",
         sop_uid=text(T["SOPInstanceUID"]) or "",
         study_uid=study_uid,
         series_uid=series_uid,
-        transfer_syntax=transfer_syntax,
-        patient={
-            "patient_id": patient_id[:64],
-            "issuer": (text(T["IssuerOfPatientID"]) or "")[:64],
-            "patient_id_generated": generated,
-            "patient_name": _cut(patient_name, 400),
-            "patient_name_norm": _cut(patient_name.upper(), 400),
-            "birth_date": normalize_date(text(T["PatientBirthDate"])),
-            "sex": _cut(text(T["PatientSex"]), 16),
-            "charset": _cut(charset, 128),
-            "attrs": _raw_attrs(header, PATIENT_ATTRS),
-            "attrs_ts": attrs_ts,
-        },
-        study={
-            "study_uid": study_uid,
-            "study_date": study_date,
-            "study_time": study_time,
-            "study_datetime": (study_date + (study_time or "000000")) if study_date else None,
-            "accession_number": _cut(text(T["AccessionNumber"]), 16),
-            "study_id": _cut(text(T["StudyID"]), 16),
-            "study_description": _cut(text(T["StudyDescription"]), 64),
-            "referring_physician": _cut(referring, 400),
-            "referring_physician_norm": _cut(referring.upper(), 400) if referring else None,
-            "institution_name": _cut(text(T["InstitutionName"]), 64),
-            "charset": _cut(charset, 128),
-            "attrs": _raw_attrs(header, STUDY_ATTRS),
-            "attrs_ts": attrs_ts,
-        },
-        series={
-            "series_uid": series_uid,
-            "modality": _cut(text(T["Modality"]), 16),
-            "series_number": header.int_value(T["SeriesNumber"]),
-            "series_description": _cut(text(T["SeriesDescription"]), 64),
-            "body_part": _cut(text(T["BodyPartExamined"]), 64),
-            "station_name": _cut(text(T["StationName"]), 16),
-            "institution_name": _cut(text(T["InstitutionName"]), 64),
-            "pps_start_date": normalize_date(text(T["PerformedProcedureStepStartDate"])),
-            "pps_start_time": normalize_time(text(T["PerformedProcedureStepStartTime"])),
-            "charset": _cut(charset, 128),
-            "attrs": _raw_attrs(header, SERIES_ATTRS),
-            "attrs_ts": attrs_ts,
-        },
-        instance={
-            "sop_class_uid": text(T["SOPClassUID"]) or "",
-            "instance_number": header.int_value(T["InstanceNumber"]),
-            "transfer_syntax": transfer_syntax,
-            "content_date": normalize_date(text(T["ContentDate"])),
-            "content_time": normalize_time(text(T["ContentTime"])),
-            "number_of_frames": header.int_value(T["NumberOfFrames"]),
-            "rows": header.int_value(T["Rows"]),
-            "columns": header.int_value(T["Columns"]),
-            "bits_allocated": header.int_value(T["BitsAllocated"]),
-            "image_type": text(T["ImageType"]),
-            "charset": _cut(charset, 128),
-            "attrs": _raw_attrs(header, INSTANCE_ATTRS),
-            "attrs_ts": attrs_ts,
-        },
-        requests=_requests(header),
+        patient_id=patient_id,
+        patient_name=patient_name,
+        generated=generated,
+        charset=charset,
     )
