@@ -124,3 +124,21 @@ def test_o_direct_off(tmp_path: Path) -> None:
     writer.commit()
     assert store.direct_writes == 0
     store.close()
+
+
+def test_a_blob_counts_as_open_until_its_row_is_filed(tmp_path: Path) -> None:
+    """Recovery starts its scan at the oldest blob whose index row may not be committed yet:
+    a blob fsynced before its row still counts until filed()."""
+    store = FileBlobStore(tmp_path)
+    blob = store.write([b"x" * 100])
+    created = store.oldest_open()
+    assert created is not None
+    blob.commit(filed=False)
+    assert store.oldest_open() == created
+    blob.filed()
+    assert store.oldest_open() is None
+    other = store.write([b"y"])
+    other.commit(filed=False)
+    other.abort()  # refused after the fsync: no longer waiting for a row either
+    assert store.oldest_open() is None
+    store.close()

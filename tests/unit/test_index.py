@@ -146,3 +146,37 @@ def test_failing_operation_does_not_fail_its_batch(index: InstanceIndex) -> None
         futures[0].result()
     assert all(f.result().kind == STORED for f in futures[1:])
     assert len(rows(index, instances)) == 5
+
+
+def test_checkpoints_report_durability_no_later_than_the_horizon(tmp_path: Path) -> None:
+    """The checkpointer (SQLite's automatic checkpoint is off) tells on_durable a time T such
+    that every commit before T is durable, and T is never after IndexWriter.horizon."""
+    import threading
+    import time
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    db.create_schema(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    writer = db.IndexWriter(engine)
+    reported: list[float] = []
+    got = threading.Event()
+    writer.on_durable.append(lambda t: (reported.append(t), got.set()))
+    pending_since = time.time() - 30.0
+    writer.horizon = lambda: pending_since
+    writer.run(lambda conn: conn.exec_driver_sql("UPDATE schema_info SET version = version"))
+    assert got.wait(5), "no checkpoint after a commit"
+    assert reported[0] == pending_since
+    writer.horizon = None
+    got.clear()
+    started = time.time()
+    writer.run(lambda conn: conn.exec_driver_sql("UPDATE schema_info SET version = version"))
+    assert got.wait(5)
+    assert reported[-1] >= started
+    # the WAL was checkpointed: its frames are back in the database file
+    busy, log_frames, checkpointed = (
+        engine.raw_connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    )
+    assert busy == 0 and log_frames == checkpointed
+    writer.close()
+    engine.dispose()

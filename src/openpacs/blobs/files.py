@@ -145,8 +145,10 @@ class BlobWriter:
             view.release()
             self.store._buffers.give(buf)
 
-    def commit(self) -> int:
-        """fsync data and directory entry (when the store syncs), close; returns the size."""
+    def commit(self, *, filed: bool = True) -> int:
+        """fsync data and directory entry (when the store syncs), close; returns the size.
+        filed=False: the blob still counts as open (:meth:`FileBlobStore.oldest_open`) until
+        :meth:`filed` — its index row is not committed yet."""
         assert self._fd is not None
         fd, self._fd = self._fd, None
         try:
@@ -154,17 +156,22 @@ class BlobWriter:
                 os.fsync(fd)
         finally:
             os.close(fd)
-            self.store._closed(self.key)
+            if filed:
+                self.store._closed(self.key)
         if self.store.fsync and not self.precreated:
             self.store.sync_dir(os.path.dirname(self.path))
         return self.size
+
+    def filed(self) -> None:
+        """The blob's index row is committed (see :meth:`commit`)."""
+        self.store._closed(self.key)
 
     def abort(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-            self.store._closed(self.key)
+        self.store._closed(self.key)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

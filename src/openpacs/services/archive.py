@@ -230,6 +230,7 @@ class Archive:
         self._run_info = {"token": self.blobs.token, "pid": os.getpid(), "started": started}
         self._write_run_file(started)
         FileBlobStore.sync_dir(run_dir)
+        self.writer.horizon = self.blobs.oldest_open
         self.writer.on_durable.append(self._index_durable)
 
     def _blob_matches(self, key: str, size: int, recent_after: float) -> bool:
@@ -254,11 +255,8 @@ class Archive:
         os.replace(tmp, self._run_file)
 
     def _index_durable(self, through: float) -> None:
-        """Index commits before *through* are durable: recovery may start its scan there —
-        or earlier, at the oldest blob still being written (its row comes later)."""
-        oldest = self.blobs.oldest_open()
-        if oldest is not None:
-            through = min(through, oldest)
+        """Index commits before *through* are durable, and no blob created before it is still
+        waiting for its row (IndexWriter.horizon): recovery may start its scan there."""
         try:
             self._write_run_file(through)
         except OSError:
@@ -446,7 +444,7 @@ class Archive:
             return self._index_failure(exc, sop_uid)
         sync_error: OSError | None = None
         try:
-            blob.commit()
+            blob.commit(filed=False)  # counts as unfiled until its row is committed
         except OSError as exc:
             sync_error = exc
         try:
@@ -458,6 +456,7 @@ class Archive:
         except Exception as exc:
             blob.abort()
             return self._index_failure(exc, sop_uid)
+        blob.filed()
         if outcome.kind in (CLASS_CONFLICT, IGNORED, REJECTED, NEEDS_DURABLE_BLOB):
             blob.abort()
             if sync_error is not None:
