@@ -80,4 +80,7 @@ class StorageService:
             )
             return
         result = self.archive.finish(sink)
-        assoc.send_response(message, result.status, result.comment)
+        try:
+            assoc.send_response(message, result.status, result.comment)
+        finally:  # stored whether or not the response reaches the SCU
+            self.archive.log_stored(result)

@@ -73,6 +73,8 @@ class StoreResult:
     # Filled by import_blob (STOW-RS needs them for its response); None elsewhere.
     sop_class_uid: str | None = None
     series_instance_uid: str | None = None
+    # finish(): the "stored" log line, for Archive.log_stored once the response is on its way
+    log_args: tuple[object, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -315,7 +317,8 @@ class Archive:
         return IncomingInstance(self, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
 
     def finish(self, incoming: IncomingInstance, via: str = "C-STORE") -> StoreResult:
-        """Scan, validate, store and index a complete incoming data set."""
+        """Scan, validate, store and index a complete incoming data set. The caller logs the
+        success with :meth:`log_stored` after answering."""
         if incoming.error is not None:
             return self._blob_failure(incoming.error, incoming.sop_instance_uid)
         blob = incoming.blob
@@ -342,6 +345,7 @@ class Archive:
                 else (lambda: blob),
                 drop_blob=incoming.discard,
                 dataset_offset=len(incoming.meta),
+                defer_log=True,
             )
             del dataset
             return result
@@ -368,6 +372,7 @@ class Archive:
         drop_blob: Callable[[], None],
         dataset_offset: int,
         header: ScannedHeader | None = None,
+        defer_log: bool = False,
     ) -> StoreResult:
         sop_uid = expected_instance
         try:
@@ -474,8 +479,8 @@ class Archive:
             return self._blob_failure(sync_error, sop_uid)
         for old in outcome.replaced_blob_keys:
             self.blobs.delete(old)
-        log.info(
-            "stored %s %s (study %s, patient %r) from %s via %s, %d bytes%s",
+        result = StoreResult(st.SUCCESS, None, outcome.kind, record.sop_uid, record.study_uid, size)
+        result.log_args = (
             record.modality or "-",
             record.sop_uid,
             record.study_uid,
@@ -487,7 +492,19 @@ class Archive:
                 outcome.kind, ""
             ),
         )
-        return StoreResult(st.SUCCESS, None, outcome.kind, record.sop_uid, record.study_uid, size)
+        if not defer_log:
+            self.log_stored(result)
+        return result
+
+    @staticmethod
+    def log_stored(result: StoreResult) -> None:
+        """The "stored" line of a successful store (finish() leaves it to its caller, which
+        answers the SCU first: at one association the line is otherwise on its critical path)."""
+        if result.log_args is not None:
+            log.info(
+                "stored %s %s (study %s, patient %r) from %s via %s, %d bytes%s", *result.log_args
+            )
+            result.log_args = None
 
     def _duplicate_precheck(self, sop_uid: str, sop_class_uid: str) -> StoreOutcome | None:
         try:
