@@ -104,3 +104,48 @@ def test_report_statuses_of_table_3_32() -> None:
     status, _ = registry.report(Event(1, report_info("4.5.6", ["2.1"])), "test")
     assert status.Status == 0x0213
     assert late.step(5).meaning == "no report"
+
+
+def test_association_failures_are_classified() -> None:
+    """One classifier for the modality's steps and its print job: nobody listening, a peer that
+    accepts the connection but never answers (ACSE timeout), and an A-ASSOCIATE-RJ."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from openpacs.modality.scu import associate
+
+    ae = AE(ae_title="MOD1")
+    ae.acse_timeout = ae.connection_timeout = 0.5
+    ae.add_requested_context(Verification)
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    assoc, failure = associate(ae, "127.0.0.1", port, "ANY")
+    assert assoc is None and failure is not None and failure.kind == "unreachable"
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        assoc, failure = associate(ae, "127.0.0.1", silent.getsockname()[1], "ANY")
+        assert assoc is None and failure is not None and failure.kind == "no-answer"
+    finally:
+        silent.close()
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(Verification)
+    scp.require_called_aet = True  # an unknown called AE title: A-ASSOCIATE-RJ
+    server = scp.start_server(("127.0.0.1", 0), block=False)
+    try:
+        assoc, failure = associate(ae, "127.0.0.1", server.server_address[1], "WRONG")
+        assert assoc is None and failure is not None and failure.kind == "rejected"
+        assert "A-ASSOCIATE-RJ result" in failure.detail
+        assoc, failure = associate(ae, "127.0.0.1", server.server_address[1], "SCP")
+        assert failure is None and assoc is not None and assoc.is_established
+        assoc.release()
+    finally:
+        server.shutdown()

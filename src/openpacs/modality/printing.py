@@ -28,7 +28,7 @@ from pynetdicom import AE, Association, evt
 
 from openpacs.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, generate_uid
 from openpacs.modality.config import Peer
-from openpacs.modality.scu import settle_reactor
+from openpacs.modality.scu import associate, settle_reactor
 
 log = logging.getLogger(__name__)
 
@@ -415,21 +415,12 @@ def _associate(
     ae.network_timeout = network_timeout
     ae.add_requested_context(BasicGrayscalePrintManagementMeta, ImplicitVRLittleEndian)  # T3-43
     where = f"{printer.ae_title}@{printer.host}:{printer.port}"
-    connected, answered = threading.Event(), threading.Event()
     handlers: list[Any] = [
         (evt.EVT_N_EVENT_REPORT, job.on_event_report),
         (evt.EVT_DIMSE_RECV, job.on_dimse_recv),
-        (evt.EVT_CONN_OPEN, lambda event: connected.set()),
-        (evt.EVT_PDU_RECV, lambda event: answered.set()),
     ]
-    try:
-        assoc = ae.associate(
-            printer.host, printer.port, ae_title=printer.ae_title, evt_handlers=handlers
-        )
-    except OSError as exc:  # pragma: no cover - pynetdicom reports socket errors itself
-        job.add(PrintStep("Associate", None, "no association", False, f"{where}: {exc}"))
-        return None
-    if assoc.is_established:
+    assoc, failure = associate(ae, printer.host, printer.port, printer.ae_title, handlers)
+    if assoc is not None:
         if not any(
             cx.abstract_syntax == BasicGrayscalePrintManagementMeta
             for cx in assoc.accepted_contexts
@@ -440,32 +431,33 @@ def _associate(
             return None
         job.add(PrintStep("Associate", None, "association established", True, where))
         return assoc
-    if not connected.is_set():  # pynetdicom reports a failed connect as an abort
-        detail = (
+    assert failure is not None
+    meaning, detail = {
+        "error": ("no association", f"{where}: {failure.detail}"),
+        "unreachable": (
+            "printer not reachable",
             f"{where} is not reachable: connection refused, no route, or no answer within "
-            f"{acse_timeout:g} s (connection timeout)"
-        )
-        job.add(PrintStep("Associate", None, "printer not reachable", False, detail))
-    elif assoc.is_rejected:
-        rj = assoc.acceptor.primitive
-        detail = (
-            f"{where}: A-ASSOCIATE-RJ result {rj.result_str}, source {rj.source_str}, "
-            f"reason {rj.reason_str}" if rj is not None else f"{where}: A-ASSOCIATE-RJ"
-        )  # fmt: skip
-        job.add(PrintStep("Associate", None, "association rejected", False, detail))
-    elif not answered.is_set():
-        detail = f"{where} accepted the connection but did not answer the association request "
-        detail += f"within {acse_timeout:g} s (ACSE timeout)"
-        job.add(PrintStep("Associate", None, "no association", False, detail))
-    elif assoc.is_aborted:
-        detail = (
+            f"{acse_timeout:g} s (connection timeout)",
+        ),
+        "rejected": ("association rejected", f"{where}: {failure.detail}"),
+        "no-answer": (
+            "no association",
+            f"{where} accepted the connection but did not answer the association request "
+            f"within {acse_timeout:g} s (ACSE timeout)",
+        ),
+        "aborted": (
+            "association aborted",
             f"{where} aborted the association request, or accepted no presentation context "
-            "for Basic Grayscale Print Management Meta"
-        )
-        job.add(PrintStep("Associate", None, "association aborted", False, detail))
-    else:
-        detail = f"{where} did not answer the association request within {acse_timeout:g} s"
-        job.add(PrintStep("Associate", None, "no association", False, detail))
+            "for Basic Grayscale Print Management Meta",
+        ),
+    }.get(
+        failure.kind,
+        (
+            "no association",
+            f"{where} did not answer the association request within {acse_timeout:g} s",
+        ),
+    )
+    job.add(PrintStep("Associate", None, meaning, False, detail))
     return None
 
 

@@ -77,6 +77,57 @@ def meaning_of(code: int, service: dict[int, tuple[str, str]] | None = None) -> 
     return dimse_status.code_to_category(code), "status not defined for this service"
 
 
+@dataclass(frozen=True)
+class AssociationFailure:
+    """Why an association request did not succeed, as far as the requestor can tell.
+
+    kind: "unreachable" (no TCP connection), "rejected" (A-ASSOCIATE-RJ; *detail* gives its
+    result, source and reason), "no-answer" (connected, nothing came back within the ACSE
+    timeout), "aborted" (the peer aborted the request, or accepted no context), "unknown", or
+    "error" (a socket error; *detail* is its text).
+    """
+
+    kind: str
+    detail: str = ""
+
+
+def associate(
+    ae: AE,
+    host: str,
+    port: int,
+    ae_title: str,
+    handlers: Sequence[tuple[Any, Callable[..., Any]]] = (),
+) -> tuple[Association | None, AssociationFailure | None]:
+    """Request an association and, when it fails, classify the failure (one place for the
+    modality's steps and its print job)."""
+    connected, answered = threading.Event(), threading.Event()
+    all_handlers = [
+        *handlers,
+        (evt.EVT_CONN_OPEN, lambda event: connected.set()),
+        (evt.EVT_PDU_RECV, lambda event: answered.set()),
+    ]
+    try:
+        assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=all_handlers)
+    except OSError as exc:  # pragma: no cover - pynetdicom reports socket errors itself
+        return None, AssociationFailure("error", str(exc))
+    if assoc.is_established:
+        return assoc, None
+    if not connected.is_set():  # pynetdicom reports a failed connect as an abort
+        return None, AssociationFailure("unreachable")
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        detail = (
+            f"A-ASSOCIATE-RJ result {rj.result_str}, source {rj.source_str}, "
+            f"reason {rj.reason_str}" if rj is not None else "A-ASSOCIATE-RJ"
+        )  # fmt: skip
+        return None, AssociationFailure("rejected", detail)
+    if not answered.is_set():
+        return None, AssociationFailure("no-answer")
+    if assoc.is_aborted:
+        return None, AssociationFailure("aborted")
+    return None, AssociationFailure("unknown")
+
+
 @dataclass
 class Step:
     """The outcome of one DICOM exchange, as printed and as put in the JSON summary."""
@@ -171,54 +222,35 @@ class Scu:
         contexts: Sequence[str],
         handlers: list[tuple[Any, Callable[..., Any]]] | None = None,
     ) -> tuple[Association | None, Step | None]:
-        ae = self._ae(contexts)
-        connected = threading.Event()
-        handlers = [*(handlers or []), (evt.EVT_CONN_OPEN, lambda event: connected.set())]
-        try:
-            assoc = ae.associate(
-                peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers
-            )
-        except OSError as exc:  # pragma: no cover - pynetdicom reports socket errors itself
-            return None, Step(name, peer_name(peer), False, None, "no association", str(exc))
-        if assoc.is_established:
+        assoc, failure = associate(
+            self._ae(contexts), peer.host, peer.port, peer.ae_title, handlers or ()
+        )
+        if failure is None:
             return assoc, None
-        if not connected.is_set():  # pynetdicom reports a failed connect as an abort
-            return None, Step(
-                name,
-                peer_name(peer),
-                False,
-                None,
+        timeout = self.config.acse_timeout
+        meaning, detail = {
+            "error": ("no association", failure.detail),
+            "unreachable": (
                 "no association",
                 "not reachable: connection refused, no route, or no answer within "
-                f"{self.config.acse_timeout:g} s (connection timeout)",
-            )
-        if assoc.is_rejected:
-            rj = assoc.acceptor.primitive
-            detail = (
-                f"A-ASSOCIATE-RJ result {rj.result_str}, source {rj.source_str}, reason "
-                f"{rj.reason_str}"
-                if rj is not None
-                else "A-ASSOCIATE-RJ"
-            )
-            return None, Step(name, peer_name(peer), False, None, "association rejected", detail)
-        if assoc.is_aborted:
-            return None, Step(
-                name,
-                peer_name(peer),
-                False,
-                None,
-                "association aborted",
-                "the peer aborted the association request",
-            )
-        return None, Step(
-            name,
-            peer_name(peer),
-            False,
-            None,
-            "no association",
-            "the peer is not reachable or did not answer in time "
-            f"(connection/ACSE timeout {self.config.acse_timeout:g} s)",
+                f"{timeout:g} s (connection timeout)",
+            ),
+            "rejected": ("association rejected", failure.detail),
+            "no-answer": (
+                "no association",
+                f"accepted the connection but did not answer the association request within "
+                f"{timeout:g} s (ACSE timeout)",
+            ),
+            "aborted": ("association aborted", "the peer aborted the association request"),
+        }.get(
+            failure.kind,
+            (
+                "no association",
+                "the peer is not reachable or did not answer in time "
+                f"(connection/ACSE timeout {timeout:g} s)",
+            ),
         )
+        return None, Step(name, peer_name(peer), False, None, meaning, detail)
 
     # ---------------------------------------------------------------------- Verification
     def echo(self, peer: Peer) -> Step:
