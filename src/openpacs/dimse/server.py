@@ -212,7 +212,7 @@ class DimseServer:
                     conn, address = self._sock.accept()
             except (TimeoutError, BlockingIOError, InterruptedError):
                 continue  # another worker took it, or the timeout slice ended
-            except OSError:
+            except (OSError, ValueError):  # ValueError: select() on the socket stop() closed
                 if self.app.stopping.is_set():
                     break
                 log.exception("accept failed")
