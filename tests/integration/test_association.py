@@ -163,8 +163,11 @@ def test_garbage_before_association_is_aborted(server, junk: bytes) -> None:
     assert raw_associate(server.port, associate_rq())[0] == 0x02
 
 
-def _connections_per_process(pids: list[int], server_port: int) -> dict[int, int]:
-    """How many established TCP connections on *server_port* each process holds (Linux /proc)."""
+def _connections_per_process(
+    pids: list[int], server_port: int, any_state: bool = False
+) -> dict[int, int]:
+    """How many established (any_state: not listening) TCP connections on *server_port* each
+    process holds (Linux /proc)."""
     inodes: dict[str, int] = {}
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
@@ -178,7 +181,8 @@ def _connections_per_process(pids: list[int], server_port: int) -> dict[int, int
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local_port = int(fields[1].split(":")[1], 16)
-        if local_port == server_port and fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED
+        wanted = fields[3] != "0A" if any_state else fields[3] == "01"  # 0A LISTEN, 01 ESTABLISHED
+        if local_port == server_port and wanted and fields[9] in inodes:
             counts[inodes[fields[9]]] += 1
     return counts
 
@@ -199,12 +203,14 @@ def test_associations_are_spread_over_worker_processes(make_server) -> None:
             workers = srv.pids()[1:]
             assert len(workers) == 2
             counts = _connections_per_process(workers, srv.port)
-            assert sorted(counts.values()) == [2, 2], counts
+            assert sorted(counts.values()) == [2, 2], (_round, counts)
             assert all(a.send_c_echo().Status == 0 for a in held)
         finally:
             for assoc in held:
                 assoc.release()
+        # the next round starts once the server has closed every connection of this one
         deadline = time.monotonic() + 5
-        while any(_connections_per_process(srv.pids()[1:], srv.port).values()):
-            assert time.monotonic() < deadline, "associations still counted after release"
+        while any(_connections_per_process(srv.pids()[1:], srv.port, any_state=True).values()):
+            assert time.monotonic() < deadline, "connections still open after release"
             time.sleep(0.05)
+        time.sleep(0.2)  # the association threads end right after closing their sockets

@@ -196,7 +196,7 @@ class DimseServer:
         config = self.app.config
         if self._sock is None:
             self._sock = bind_listener(config)
-        self._sock.settimeout(0.5)
+        self._sock.settimeout(0.0)  # accept() only after select() (see _accept)
         self.port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
         self._thread.start()
@@ -206,10 +206,7 @@ class DimseServer:
         config = self.app.config
         while not self.app.stopping.is_set():
             try:
-                if self._load is not None and not self._load.least_loaded(self._worker):
-                    conn, address = self._accept_after_grace()
-                else:
-                    conn, address = self._sock.accept()
+                conn, address = self._accept()
             except (TimeoutError, BlockingIOError, InterruptedError):
                 continue  # another worker took it, or the timeout slice ended
             except (OSError, ValueError):  # ValueError: select() on the socket stop() closed
@@ -243,17 +240,17 @@ class DimseServer:
                 self._connections.add(thread)
             thread.start()
 
-    def _accept_after_grace(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept only a connection that a less loaded worker left waiting (see WorkerLoad)."""
+    def _accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Wait (0.5 s slices) for a connection and accept it; a worker that is not the least
+        loaded first leaves it to the others for BALANCE_GRACE (see WorkerLoad). The listening
+        socket is non-blocking, so a worker that lost the race (BlockingIOError) decides
+        again with fresh counts."""
         assert self._sock is not None
         if not select.select([self._sock], [], [], 0.5)[0]:
             raise TimeoutError
-        time.sleep(BALANCE_GRACE)
-        self._sock.settimeout(0.0)
-        try:
-            return self._sock.accept()  # BlockingIOError: a less loaded worker took it
-        finally:
-            self._sock.settimeout(0.5)
+        if self._load is not None and not self._load.least_loaded(self._worker):
+            time.sleep(BALANCE_GRACE)
+        return self._sock.accept()
 
     def _run_association(self, assoc: Association) -> None:
         try:
