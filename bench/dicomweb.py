@@ -91,20 +91,20 @@ from ingest import (
     Running,
     _csv,
     _dcmtk_version,
-    _first_line,
     _kill_hard,
     _on_sigterm,
     _reap,
     _spawn,
     _tail,
     _warm_page_cache,
+    dcmtk_bin_dir,
     machine_facts,
     quiesce,
     send,
     shard,
     storescu_profile,
 )
-from query import CORPUS, Corpus, ensure_corpus
+from query import CORPUS, Corpus, _grid, _secs, ensure_corpus
 
 PEERS = ("openpacs", "orthanc")
 ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -789,17 +789,6 @@ def hot_spots(raw: Path, top: int = 15) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-def _secs(value: float) -> str:
-    return f"{value:.3f}" if value >= 0.01 else f"{value:.4f}"
-
-
-def _grid(lines: list[list[str]]) -> str:
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
-
-
 def format_table(rows: Sequence[dict[str, Any]], peers: Sequence[str]) -> str:
     ratio = "openpacs" in peers and "orthanc" in peers
     head = ["operation", "answer", *(f"{p} s" for p in peers)]
@@ -974,15 +963,6 @@ def print_report(doc: dict[str, Any], args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------
 
 
-def _dcmtk_bin_dir() -> str | None:
-    """The directory of DCMTK's storescu (not pynetdicom's storescu of an activated venv)."""
-    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
-        exe = Path(d) / "storescu"
-        if exe.is_file() and "dcmtk" in _first_line([str(exe), "--version"]).lower():
-            return d
-    return None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="DICOMweb benchmark (QIDO-RS, WADO-RS): openpacs vs Orthanc (loopback).",
@@ -1044,7 +1024,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = parse_args(argv)
-    dcmtk = _dcmtk_bin_dir()
+    dcmtk = dcmtk_bin_dir("storescu")
     if dcmtk is None or shutil.which("echoscu", path=dcmtk) is None:
         print("error: DCMTK storescu/echoscu not found (apt-get install dcmtk)", file=sys.stderr)
         return 2

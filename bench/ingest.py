@@ -493,6 +493,16 @@ def _tail(path: Path, lines: int = 8) -> str:
     return " | ".join(text[-lines:])
 
 
+def dcmtk_bin_dir(tool: str) -> str | None:
+    """The directory of DCMTK's *tool* (not pynetdicom's tool of the same name from an
+    activated venv)."""
+    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
+        exe = Path(d) / tool
+        if exe.is_file() and "dcmtk" in _first_line([str(exe), "--version"]).lower():
+            return d
+    return None
+
+
 def _first_line(cmd: Sequence[str]) -> str:
     try:
         out = subprocess.run(

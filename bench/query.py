@@ -1191,9 +1191,15 @@ def format_table(rows: Sequence[dict[str, Any]], peers: Sequence[str]) -> str:
     return _grid(lines)
 
 
-def format_cpu(rows: Sequence[dict[str, Any]], peers: Sequence[str]) -> str:
-    """CPU time of each peer (and of the pynetdicom client) per operation, median, ms."""
-    lines = [["operation", "client", *(f"{p} CPU ms" for p in peers), "client CPU ms"]]
+def format_cpu(
+    rows: Sequence[dict[str, Any]],
+    peers: Sequence[str],
+    first: str = "operation",
+    client: str = "client CPU ms",
+) -> str:
+    """CPU time of each peer (and of the pynetdicom client) per operation, median, ms (also
+    worklist.py's table, with its own column names)."""
+    lines = [[first, "client", *(f"{p} CPU ms" for p in peers), client]]
     for row in rows:
         line = [row["label"], row["client"]]
         clients = []

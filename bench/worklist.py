@@ -89,12 +89,12 @@ from ingest import (
     Running,
     _csv,
     _dcmtk_version,
-    _first_line,
     _on_sigterm,
     _resolve_pyspy,
     _spawn,
     _tail,
     _uid,
+    dcmtk_bin_dir,
     dcmtk_env,
     free_ports,
     machine_facts,
@@ -117,6 +117,7 @@ from query import (
     _grid,
     _timeouts,
     _words,
+    format_cpu,
 )
 
 PEERS = ("openpacs", "wlmscpfs", "orthanc")
@@ -518,15 +519,6 @@ def compare_answers(got: Sequence[tuple[str, ...]], want: Sequence[tuple[str, ..
 # --------------------------------------------------------------------------
 # Peers
 # --------------------------------------------------------------------------
-
-
-def _dcmtk_bin_dir() -> str | None:
-    """The directory of DCMTK's findscu (not pynetdicom's findscu of an activated venv)."""
-    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
-        exe = Path(d) / "findscu"
-        if exe.is_file() and "dcmtk" in _first_line([str(exe), "--version"]).lower():
-            return d
-    return None
 
 
 class OpenpacsMWL(OpenpacsPeer):
@@ -1201,22 +1193,6 @@ def format_queries(rows: Sequence[dict[str, Any]], peers: Sequence[str]) -> str:
     return _grid(lines)
 
 
-def format_cpu(rows: Sequence[dict[str, Any]], peers: Sequence[str]) -> str:
-    lines = [["query", "client", *(f"{p} CPU ms" for p in peers), "pynetdicom client CPU ms"]]
-    for row in rows:
-        line = [row["label"], row["client"]]
-        clients = []
-        for p in peers:
-            agg = row["peers"].get(p, {})
-            cpu = agg.get("peer_cpu_s_median") if agg.get("status") == "ok" else None
-            line.append("-" if cpu is None else f"{cpu * 1000:.0f}")
-            if agg.get("client_cpu_s_median") is not None:
-                clients.append(f"{agg['client_cpu_s_median'] * 1000:.0f}")
-        line.append(" / ".join(clients) if clients else "-")
-        lines.append(line)
-    return _grid(lines)
-
-
 def format_intake(intakes: Sequence[Intake]) -> str:
     lines = [["HL7 ORM^O01 intake", "connections", "orders", "seconds", "orders/s", "not AA"]]
     for it in intakes:
@@ -1287,7 +1263,7 @@ def print_report(doc: dict[str, Any], peers: Sequence[str], args: argparse.Names
         "peer's count is checked against it."
     )
     print()
-    print(format_cpu(doc["rows"], peers))
+    print(format_cpu(doc["rows"], peers, "query", "pynetdicom client CPU ms"))
     print()
     print(
         "CPU per query, median: the peer's whole process group (/proc, 10 ms ticks); "
@@ -1438,7 +1414,7 @@ def describe_items(items: Sequence[Item], today: dt.date) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = parse_args(argv)
-    dcmtk = _dcmtk_bin_dir()
+    dcmtk = dcmtk_bin_dir("findscu")
     if dcmtk is None or shutil.which("echoscu", path=dcmtk) is None:
         print("error: DCMTK findscu/echoscu not found (apt-get install dcmtk)", file=sys.stderr)
         return 2
