@@ -146,6 +146,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._stop = threading.Event()
+        self._signalled: int | None = None  # set by the signal handler (see request_stop)
         self._sock: socket.socket | None = None
         self._slots = SharedCounter()
         self._pending = SharedCounter()
@@ -154,9 +155,23 @@ class Server:
         self._ready_w: int | None = None  # worker 1 writes here once its listeners are up
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        """Signal handler (and callable from any thread). As a handler it only records the
+        signal: it runs in the main thread between two bytecodes, possibly while that thread
+        holds the lock inside ``self._stop.wait()``, and ``Event.set()`` would then wait for
+        that lock forever (a server that never stopped after SIGTERM, seen once in CI). The
+        main thread's short waits notice the flag (:meth:`_wait_stop`)."""
+        if signum is None:
+            self._stop.set()
+        else:
+            self._signalled = signum
+
+    def _wait_stop(self, timeout: float) -> bool:
+        """Wait up to *timeout* for a stop request; True once one has been made."""
+        signum = self._signalled
         if signum is not None and not self._stop.is_set():
             log.info("received %s: finishing in-flight work", signal.Signals(signum).name)
-        self._stop.set()
+            self._stop.set()
+        return self._stop.wait(timeout)
 
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -196,7 +211,7 @@ class Server:
         dimse.start()
         singletons = start_singletons(self.config, archive)
         self._ready("1 process")
-        while not self._stop.wait(1.0):
+        while not self._wait_stop(0.2):
             pass
         dimse.stop()
         for service in singletons:
@@ -217,7 +232,7 @@ class Server:
             log.error("worker 1 did not start its listeners; stopping")
             self._stop.set()
         os.close(ready_r)
-        while not self._stop.is_set():
+        while not self._wait_stop(0.0):
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -230,7 +245,7 @@ class Server:
                     if self._load is not None:
                         self._load.reset(number - 1)
                     self._spawn(number, recover=True)
-            self._stop.wait(0.2)
+            self._wait_stop(0.2)
         with contextlib.suppress(OSError):
             assert self._sock is not None
             self._sock.close()
@@ -271,8 +286,8 @@ class Server:
             os._exit(code)
 
     def _worker(self, number: int, recover: bool) -> None:
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stopping: list[int] = []  # the handler only appends (see Server.request_stop)
+        signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides
         archive = Archive(self.config)
         if recover:
@@ -293,7 +308,8 @@ class Server:
                 os.write(self._ready_w, b"1")
                 os.close(self._ready_w)
             self._ready_w = None
-        while not stop.wait(1.0):
+        while not stopping:
+            time.sleep(0.2)
             if os.getppid() == 1:
                 break  # orphaned: the master is gone
         dimse.stop()
