@@ -104,7 +104,7 @@ from ingest import (
     shard,
     storescu_profile,
 )
-from query import CORPUS, Corpus, _grid, _secs, ensure_corpus
+from query import CORPUS, Corpus, _grid, _secs, ensure_corpus, print_footer
 
 PEERS = ("openpacs", "orthanc")
 ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -945,17 +945,8 @@ def print_report(doc: dict[str, Any], args: argparse.Namespace) -> None:
         print("  inclusive:")
         for frame, share in prof.get("inclusive", [])[:20]:
             print(f"    {share:6.1%}  {frame}")
-    m = doc["machine"]
     print()
-    print(
-        f"machine: nproc={m['nproc']}, CPU {m['cpu']}, {m['mem_gib']} GiB, "
-        f"kernel {m['kernel']}, scratch {m['scratch_fs']}"
-    )
-    print("versions: " + ", ".join(f"{k}: {v}" for k, v in doc["versions"].items()))
-    for name, text in doc["peer_settings"].items():
-        print(f"settings {name}: {text}")
-    for key in ("client", "load", "timing", "env"):
-        print(f"{key}: {doc['settings'][key]}")
+    print_footer(doc, ("client", "load", "timing", "env"))
 
 
 # --------------------------------------------------------------------------

@@ -1191,6 +1191,21 @@ def format_table(rows: Sequence[dict[str, Any]], peers: Sequence[str]) -> str:
     return _grid(lines)
 
 
+def print_footer(doc: dict[str, Any], setting_keys: Sequence[str]) -> None:
+    """The machine, versions, peer settings and the named run settings under a report (also
+    dicomweb.py's and worklist.py's)."""
+    m = doc["machine"]
+    print(
+        f"machine: nproc={m['nproc']}, CPU {m['cpu']}, {m['mem_gib']} GiB, "
+        f"kernel {m['kernel']}, scratch {m['scratch_fs']}"
+    )
+    print("versions: " + ", ".join(f"{k}: {v}" for k, v in doc["versions"].items()))
+    for name, text in doc["peer_settings"].items():
+        print(f"settings {name}: {text}")
+    for key in setting_keys:
+        print(f"{key}: {doc['settings'][key]}")
+
+
 def format_cpu(
     rows: Sequence[dict[str, Any]],
     peers: Sequence[str],
@@ -1293,16 +1308,7 @@ def print_report(doc: dict[str, Any], args: argparse.Namespace) -> None:
     for name, notes in doc["notes"].items():
         for note in notes:
             print(f"note {name}: {note}")
-    m = doc["machine"]
-    print(
-        f"machine: nproc={m['nproc']}, CPU {m['cpu']}, {m['mem_gib']} GiB, "
-        f"kernel {m['kernel']}, scratch {m['scratch_fs']}"
-    )
-    print("versions: " + ", ".join(f"{k}: {v}" for k, v in doc["versions"].items()))
-    for name, text in doc["peer_settings"].items():
-        print(f"settings {name}: {text}")
-    for key in ("findscu", "assoc", "movescu", "load", "timing", "env"):
-        print(f"{key}: {doc['settings'][key]}")
+    print_footer(doc, ("findscu", "assoc", "movescu", "load", "timing", "env"))
 
 
 # --------------------------------------------------------------------------

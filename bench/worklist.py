@@ -118,6 +118,7 @@ from query import (
     _timeouts,
     _words,
     format_cpu,
+    print_footer,
 )
 
 PEERS = ("openpacs", "wlmscpfs", "orthanc")
@@ -1310,16 +1311,7 @@ def print_report(doc: dict[str, Any], peers: Sequence[str], args: argparse.Names
     for name, notes in doc["notes"].items():
         for note in notes:
             print(f"note {name}: {note}")
-    m = doc["machine"]
-    print(
-        f"machine: nproc={m['nproc']}, CPU {m['cpu']}, {m['mem_gib']} GiB, "
-        f"kernel {m['kernel']}, scratch {m['scratch_fs']}"
-    )
-    print("versions: " + ", ".join(f"{k}: {v}" for k, v in doc["versions"].items()))
-    for name, text in doc["peer_settings"].items():
-        print(f"settings {name}: {text}")
-    for key in ("hl7", "assoc", "findscu", "env"):
-        print(f"{key}: {doc['settings'][key]}")
+    print_footer(doc, ("hl7", "assoc", "findscu", "env"))
 
 
 # --------------------------------------------------------------------------
