@@ -24,7 +24,14 @@ from openpacs.index.instances import (
     STORED,
     InstanceIndex,
 )
-from openpacs.index.schema import instances, patients, series, series_requests, studies
+from openpacs.index.schema import (
+    instances,
+    patients,
+    schema_info,
+    series,
+    series_requests,
+    studies,
+)
 from openpacs.services.records import build_record
 
 
@@ -178,5 +185,113 @@ def test_checkpoints_report_durability_no_later_than_the_horizon(tmp_path: Path)
         engine.raw_connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     )
     assert busy == 0 and log_frames == checkpointed
+    writer.close()
+    engine.dispose()
+
+
+def test_wal_starts_over_under_a_steady_stream_of_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers (as two server workers: one lock file) commit without pause. A PASSIVE
+    checkpoint alone never caught up with them, so SQLite never started the WAL over and it
+    grew with every commit (~50 MB here); the checkpointer now copies the last frames with the
+    writers held off, and the WAL is rewritten in place."""
+    import threading
+    import time
+
+    monkeypatch.setattr(db, "CHECKPOINT_INTERVAL", 0.05)
+    path = tmp_path / "index.sqlite"
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.create_schema(engine)
+    writers = [db.IndexWriter(engine, lock_path=tmp_path / "index.lock") for _ in range(2)]
+    indexes = [InstanceIndex(engine, w) for w in writers]
+    records = [record_of(series_uid=f"1.2.3.{i % 7}") for i in range(2000)]
+    stop_at = time.monotonic() + 60
+
+    def feed(index: InstanceIndex, part: list) -> None:  # type: ignore[type-arg]
+        for rec in part:
+            assert time.monotonic() < stop_at
+            store(index, rec)
+
+    threads = [
+        threading.Thread(target=feed, args=(indexes[i % 2], records[i::4])) for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wal = tmp_path / "index.sqlite-wal"
+    wal_size = wal.stat().st_size
+    # WAL header bytes 12-15: the checkpoint sequence number, +1 each time the WAL starts over
+    restarts = int.from_bytes(wal.read_bytes()[12:16], "big")
+    for w in writers:
+        w.close()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(instances)).scalar() == 2000
+    engine.dispose()
+    assert restarts >= 2, restarts
+    # 2,000 commits of ~6 pages (4 KiB each) are ~50 MB in a WAL that never starts over
+    assert wal_size < 40_000_000, wal_size
+
+
+def test_operations_using_sqlalchemy_inside_a_writer_transaction(index: InstanceIndex) -> None:
+    """SQLite transactions are begun and committed on the driver connection; an operation that
+    executes through SQLAlchemy joins that transaction, commits with it, and rolls back with
+    it when it raises."""
+    writer = index.writer
+
+    def set_version(value: int, fail: bool = False):  # type: ignore[no-untyped-def]
+        def op(conn: sa.Connection) -> int:
+            conn.execute(sa.update(schema_info).values(version=value))
+            if fail:
+                raise RuntimeError("after the update")
+            return int(conn.execute(sa.select(schema_info.c.version)).scalar_one())
+
+        return op
+
+    def stored_version() -> int:
+        with index.engine.connect() as conn:
+            return int(conn.execute(sa.select(schema_info.c.version)).scalar_one())
+
+    version = stored_version()
+    assert writer.run(set_version(99)) == 99
+    assert stored_version() == 99
+    with pytest.raises(RuntimeError):
+        writer.run(set_version(7, fail=True))
+    assert stored_version() == 99  # rolled back
+    # the writer goes on: a filing and a SQLAlchemy operation in one batch
+    both = [writer.submit(set_version(version)), index.store(record_of(), "k1", 1, None, "keep")]
+    assert both[0].result() == version and both[1].result().kind == STORED
+    assert stored_version() == version
+
+
+def test_index_of_schema_version_1_is_upgraded(tmp_path: Path) -> None:
+    """Version 2 counts instances with a SQLite trigger: an index made by version 1 gets it on
+    open, and the counts stay right (series and study updated_at = the instance's arrival)."""
+    path = tmp_path / "index.sqlite"
+    engine = db.make_engine(f"sqlite:///{path}")
+    schema_v1 = sa.MetaData()
+    for table in db.schema.metadata.sorted_tables:
+        table.to_metadata(schema_v1)
+    schema_v1.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(schema_info).values(version=1))
+    db.create_schema(engine)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(schema_info.c.version)).scalar_one() == 2
+        triggers = conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+        ).scalars()
+        assert list(triggers) == ["tr_instances_count"]
+    writer = db.IndexWriter(engine)
+    index = InstanceIndex(engine, writer)
+    for i in range(3):
+        store(index, record_of(study_uid="1.2.9", series_uid=f"1.2.9.{i % 2}"))
+    inst = rows(index, instances)
+    (st,) = rows(index, studies)
+    assert (st.num_series, st.num_instances) == (2, 3)
+    assert st.updated_at == inst[-1].received_at
+    assert [s.num_instances for s in rows(index, series)] == [2, 1]
+    assert [s.updated_at for s in rows(index, series)] == [inst[2].received_at, inst[1].received_at]
     writer.close()
     engine.dispose()

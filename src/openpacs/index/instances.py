@@ -12,14 +12,13 @@ from __future__ import annotations
 import datetime as dt
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Row
 
-from openpacs.index.db import IndexWriter, Prepared, dbapi_cursor
+from openpacs.index.db import IndexWriter, Pending, Prepared, dbapi_cursor
 from openpacs.index.schema import instances, patients, series, series_requests, studies
 from openpacs.services.records import InstanceRecord
 
@@ -81,6 +80,11 @@ _BUMP_STUDY = (
         updated_at=bindparam("b_now"),
     )
 )
+_BUMP_STUDY_SERIES = (  # with the SQLite trigger, which counts the instances
+    update(studies)
+    .where(studies.c.pk == bindparam("b_pk"))
+    .values(num_series=studies.c.num_series + 1)
+)
 _BUMP_PATIENT = (
     update(patients)
     .where(patients.c.pk == bindparam("b_pk"))
@@ -96,17 +100,32 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _sqlite_stamp(now: dt.datetime) -> str:
+    # What sqlite3's default datetime adapter stores (SQLAlchemy's SQLite DateTime leaves
+    # binding to it): made once per filing instead of by a Python callback per parameter.
+    return now.isoformat(" ")
+
+
+def _same(now: dt.datetime) -> dt.datetime:
+    return now
+
+
 class _Statements:
     """Prepared statements of the filing transaction, for one dialect."""
 
     def __init__(self, dialect: Any) -> None:
         self.dialect = dialect
+        # The value bound for a timestamp on the hot path (see _sqlite_stamp).
+        self.stamp: Any = _sqlite_stamp if dialect.name == "sqlite" else _same
+        # SQLite: schema.SQLITE_TRIGGERS counts the instances of series and studies.
+        self.counts_by_trigger = dialect.name == "sqlite"
         self.find_by_sop = Prepared(_FIND_BY_SOP, dialect)
         self.find_patient = Prepared(_FIND_PATIENT, dialect)
         self.find_study = Prepared(_FIND_STUDY, dialect)
         self.find_series = Prepared(_FIND_SERIES, dialect)
         self.bump_series = Prepared(_BUMP_SERIES, dialect)
         self.bump_study = Prepared(_BUMP_STUDY, dialect)
+        self.bump_study_series = Prepared(_BUMP_STUDY_SERIES, dialect)
         self.bump_patient = Prepared(_BUMP_PATIENT, dialect)
         self.get_modalities = Prepared(_GET_MODALITIES, dialect)
         self.set_modalities = Prepared(_SET_MODALITIES, dialect)
@@ -148,7 +167,7 @@ class InstanceIndex:
         calling_ae: str | None,
         policy: str,
         blob_durable: bool = True,
-    ) -> Future[StoreOutcome]:
+    ) -> Pending[StoreOutcome]:
         """File one instance; the future completes once the transaction has committed.
         blob_durable=False: the blob's fsync may still be running; the row is written anyway,
         except when it would replace stored copies (then NEEDS_DURABLE_BLOB, nothing written)."""
@@ -173,6 +192,7 @@ class InstanceIndex:
     ) -> StoreOutcome:
         now = _now()
         sql = self._sql
+        stamp = sql.stamp(now)
         cur = dbapi_cursor(conn)
         existing = sql.find_by_sop.execute(cur, {"sop_uid": rec.sop_uid}).fetchall()
         kind = STORED
@@ -203,15 +223,18 @@ class InstanceIndex:
             blob_key=blob_key,
             size=size,
             calling_ae=calling_ae,
-            received_at=now,
+            received_at=stamp,
         )
         instance_pk = sql.insert(cur, instances, values)
-        sql.bump_series.execute(cur, {"b_pk": series_pk, "b_now": now})
-        sql.bump_study.execute(
-            cur, {"b_pk": study_pk, "b_new_series": 1 if new_series else 0, "b_now": now}
-        )
+        if not sql.counts_by_trigger:
+            sql.bump_series.execute(cur, {"b_pk": series_pk, "b_now": stamp})
+            sql.bump_study.execute(
+                cur, {"b_pk": study_pk, "b_new_series": 1 if new_series else 0, "b_now": stamp}
+            )
+        elif new_series:
+            sql.bump_study_series.execute(cur, {"b_pk": study_pk})
         if new_study:
-            sql.bump_patient.execute(cur, {"b_pk": patient_pk, "b_now": now})
+            sql.bump_patient.execute(cur, {"b_pk": patient_pk, "b_now": stamp})
         for pk, _class, _key in replaced:
             self._delete_instance(conn, pk, now)
         return StoreOutcome(

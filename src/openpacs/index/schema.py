@@ -32,7 +32,8 @@ PrimaryKey = BigInteger().with_variant(Integer(), "sqlite")
 
 metadata = MetaData()
 
-SCHEMA_VERSION = 1
+# 2: on SQLite, a trigger keeps the series' and study's instance counts (SQLITE_TRIGGERS).
+SCHEMA_VERSION = 2
 
 schema_info = Table(
     "schema_info",
@@ -273,3 +274,17 @@ mpps_references = Table(
 )
 Index("ix_mpps_references_mpps", mpps_references.c.mpps_pk)
 Index("ix_mpps_references_sop", mpps_references.c.sop_uid)
+
+
+# SQLite only (PostgreSQL's filing statements update the counts themselves). Filing an instance
+# costs two statements fewer from Python: each is a GIL release and re-acquire in the index
+# writer, which holds the cross-process write lock meanwhile. updated_at gets the instance's
+# received_at, the value the explicit statements bound. Removals update the counts explicitly.
+SQLITE_TRIGGERS = (
+    """CREATE TRIGGER IF NOT EXISTS tr_instances_count AFTER INSERT ON instances BEGIN
+    UPDATE series SET num_instances = num_instances + 1, updated_at = NEW.received_at
+        WHERE pk = NEW.series_pk;
+    UPDATE studies SET num_instances = num_instances + 1, updated_at = NEW.received_at
+        WHERE pk = (SELECT study_pk FROM series WHERE pk = NEW.series_pk);
+END""",
+)
