@@ -13,9 +13,12 @@ the next checkpoint on. SQLite's own automatic checkpoint is off: it ran inside 
 crossed 1,000 WAL pages, with two fsyncs, while that writer held the write lock every other
 process was waiting for (lock holds of up to 10 ms, p90 0.65 ms). A checkpointer thread with its
 own connection runs a PASSIVE checkpoint every ``CHECKPOINT_INTERVAL`` seconds while there are
-new commits (keeping the WAL small, so it is rewritten in place), and then reports the time
-before the checkpoint through ``on_durable``; after a crash the archive re-indexes blobs written
-since that time that have no row. PostgreSQL commits are durable by themselves.
+new commits (the checkpointers of several processes take turns), reports the time before it
+through ``on_durable`` when it covered every earlier frame, and asks the writer thread to copy
+back the frames committed meanwhile between two transactions, under the write lock: only then
+does SQLite start the WAL over, which a steady stream of commits otherwise never allowed (the
+WAL grew by ~27 KB an instance). After a crash the archive re-indexes blobs written since the
+last reported time that have no row. PostgreSQL commits are durable by themselves.
 Must not: decide what is written (that is the archive's and later services' job).
 """
 
