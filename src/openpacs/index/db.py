@@ -215,10 +215,8 @@ class IndexWriter:
         # writers take this lock around each transaction. SQLite's own busy handler sleeps
         # 1, 2, 5, 10… ms between retries; a flock hand-over is immediate.
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644) if lock_path else None
-        # The checkpointer's own open file (a flock is held per open file, so sharing the
-        # writer's descriptor would not keep this process's writer out).
         self._finish_wal = False  # set by the checkpointer: see _finish_checkpoint
-        # Held by the checkpointer of one process at a time.
+        # Held by the checkpointer (or the writer's finishing pass) of one process at a time.
         self._turn_fd = (
             os.open(f"{lock_path}.checkpoint", os.O_RDWR | os.O_CREAT, 0o644) if lock_path else None
         )
