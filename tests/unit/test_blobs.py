@@ -29,7 +29,7 @@ def test_blobs_come_from_the_pool_and_are_written_in_place(tmp_path: Path) -> No
     first.write(b"x" * 10)
     first.commit()
     _wait_pool(store, files.POOL_SIZE // 2)
-    pooled = [key for key, _ in store._pool]
+    pooled = [key for key, _, _ in store._pool]
     writer = store.create()
     assert writer.precreated and writer.key == pooled[0]
     assert os.path.getsize(writer.path) == 0  # the pool file is empty until written
@@ -49,23 +49,26 @@ def test_blobs_come_from_the_pool_and_are_written_in_place(tmp_path: Path) -> No
 
 
 def test_stale_and_vanished_pool_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
     store = FileBlobStore(tmp_path)
     store.create().abort()
     _wait_pool(store, files.POOL_SIZE // 2)
     with store._pool_cond:
-        stale_key = store._pool[0][0]
-        store._pool[0] = (stale_key, time.time() - files.POOL_MAX_AGE - 1)
+        stale_key, _, stale_fd = store._pool[0]
+        store._pool[0] = (stale_key, time.time() - files.POOL_MAX_AGE - 1, stale_fd)
         vanished_key = store._pool[1][0]
     os.unlink(store.path(vanished_key))
     writer = store.create()  # the stale file is deleted unused; the vanished one is skipped
-    assert writer.key not in (stale_key,)
+    assert writer.precreated and writer.key not in (stale_key, vanished_key)
     assert not store.path(stale_key).exists()
     writer.abort()
     writer = store.create()
-    assert writer.key != vanished_key or not writer.precreated
+    assert writer.key != vanished_key
     writer.abort()
     store.close()
     assert _files(tmp_path) == []
+    # pool files are kept open for writing: closing the store closes every one of them
+    assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
 def test_no_pool_without_fsync(tmp_path: Path) -> None:
