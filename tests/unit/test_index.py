@@ -295,3 +295,59 @@ def test_index_of_schema_version_1_is_upgraded(tmp_path: Path) -> None:
     assert [s.updated_at for s in rows(index, series)] == [inst[2].received_at, inst[1].received_at]
     writer.close()
     engine.dispose()
+
+
+def test_operations_queued_while_another_process_writes_join_one_commit(tmp_path: Path) -> None:
+    """While another process holds the index (its flock on index.lock), the operations queued
+    in the meantime are committed together once the lock is free, not one transaction each;
+    an operation that fails in such a batch still fails alone."""
+    import fcntl
+    import os
+    import time
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    db.create_schema(engine)
+    writer = db.IndexWriter(engine, lock_path=tmp_path / "index.lock")
+    index = InstanceIndex(engine, writer)
+    other = os.open(tmp_path / "index.lock", os.O_RDWR)  # "another process": a separate open
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        first = index.store(record_of(), uuid.uuid4().hex, 1, None, "overwrite")
+        deadline = time.monotonic() + 5
+        while writer._queue.qsize():  # the writer took it and now waits for the lock
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        def boom(conn: sa.Connection) -> None:
+            raise RuntimeError("boom")
+
+        failing = writer.submit(boom)
+        later = [index.store(record_of(), uuid.uuid4().hex, 1, None, "overwrite") for _ in range(4)]
+        time.sleep(0.1)
+        assert not first.done()
+        batches_before = writer.batches
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert first.result(5).kind == STORED
+        assert all(f.result(5).kind == STORED for f in later)
+        with pytest.raises(RuntimeError):
+            failing.result(5)
+        # one grown transaction failed (boom), then each of its six operations ran alone
+        assert writer.batches - batches_before == 5
+        assert writer.ops == 5
+        assert len(rows(index, instances)) == 5
+
+        fcntl.flock(other, fcntl.LOCK_EX)
+        held = [index.store(record_of(), uuid.uuid4().hex, 1, None, "overwrite")]
+        while writer._queue.qsize():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        held += [index.store(record_of(), uuid.uuid4().hex, 1, None, "overwrite") for _ in range(3)]
+        time.sleep(0.1)
+        batches_before = writer.batches
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert all(f.result(5).kind == STORED for f in held)
+        assert writer.batches - batches_before == 1  # all four in one commit
+    finally:
+        os.close(other)
+        writer.close()
+        engine.dispose()

@@ -238,6 +238,7 @@ class IndexWriter:
         self._dirty_since: float | None = None  # time of the first commit not yet checkpointed
         self._dirty_lock = threading.Lock()
         self._stopped = threading.Event()
+        self._stopping = False  # the writer thread saw close()'s sentinel
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="index-checkpoint", daemon=True
         )
@@ -277,21 +278,12 @@ class IndexWriter:
         self._conn = None
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
+        while not self._stopping:
             item = self._queue.get()
             if item is None:
                 break
             batch = [item]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
+            self._drain(batch)
             self._run_batch(batch)
             if self._finish_wal and self._sqlite:
                 self._finish_checkpoint()
@@ -299,6 +291,18 @@ class IndexWriter:
             self._conn.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
+
+    def _drain(self, batch: list[tuple[WriteOp, Pending[Any]]]) -> None:
+        """Add the operations queued by now to *batch* (up to MAX_BATCH)."""
+        while len(batch) < MAX_BATCH and not self._stopping:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if nxt is None:
+                self._stopping = True
+                return
+            batch.append(nxt)
 
     @contextmanager
     def _process_lock(self) -> Iterator[None]:
@@ -403,10 +407,17 @@ class IndexWriter:
             if self._turn_fd is not None:
                 fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
 
-    def _transaction(self, ops: list[WriteOp]) -> list[Any]:
-        """Run *ops* in one write transaction and commit it; their results in order."""
+    def _transaction(
+        self, batch: list[tuple[WriteOp, Pending[Any]]], grow: bool = False
+    ) -> list[Any]:
+        """Run the operations of *batch* in one write transaction and commit it; their results
+        in order. grow: once the lock is held, first add what was queued while waiting for it
+        (another process held the index: those operations join this commit, not the next)."""
         conn = self._connect()
         with self._process_lock():
+            if grow and self._lock_fd is not None:
+                self._drain(batch)
+            ops = [op for op, _pending in batch]
             if not self._sqlite:
                 with conn.begin():
                     return [op(conn) for op in ops]
@@ -437,7 +448,7 @@ class IndexWriter:
     def _run_batch(self, batch: list[tuple[WriteOp, Pending[Any]]]) -> None:
         started = time.time()
         try:
-            results = self._transaction([op for op, _pending in batch])
+            results = self._transaction(batch, grow=True)  # *batch* may grow
         except Exception as exc:
             self._rolled_back()
             self._drop_connection_if_broken(exc)
@@ -445,15 +456,15 @@ class IndexWriter:
                 batch[0][1].set_exception(exc)
                 return
             # One operation spoiled the batch: run each alone so only the culprit fails.
-            for op, pending in batch:
+            for item in batch:
                 try:
-                    (result,) = self._transaction([op])
+                    (result,) = self._transaction([item])
                     self._committed(started, 1)
-                    pending.set_result(result)
+                    item[1].set_result(result)
                 except Exception as single_exc:
                     self._rolled_back()
                     self._drop_connection_if_broken(single_exc)
-                    pending.set_exception(single_exc)
+                    item[1].set_exception(single_exc)
             return
         self._committed(started, len(batch))
         for (_op, pending), result in zip(batch, results, strict=True):
