@@ -138,6 +138,25 @@ def test_idle_association_is_aborted_after_network_timeout(make_server) -> None:
     assert raw_associate(srv.port, associate_rq())[0] == 0x02
 
 
+def test_silence_inside_a_pdu_is_aborted_after_network_timeout(make_server) -> None:
+    """A peer that stops in the middle of a P-DATA-TF (the kernel's receive timeout, not the
+    idle wait between messages) is aborted after network_timeout and its slot freed."""
+    srv = make_server("[dicom]\nnetwork_timeout = 1.0\nmax_associations = 1\n")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(associate_rq())
+        assert recv_pdu(sock)[0] == 0x02
+        # P-DATA-TF announcing 1,000 bytes, of which only the PDV item header arrives
+        sock.sendall(
+            b"\x04\x00" + (1000).to_bytes(4, "big") + (994).to_bytes(4, "big") + b"\x01\x03"
+        )
+        start = time.monotonic()
+        pdu_type, _ = recv_pdu(sock, timeout=10)
+        assert pdu_type == 0x07
+        assert 0.8 < time.monotonic() - start < 5
+    assert "network timeout" in srv.log()
+    assert raw_associate(srv.port, associate_rq())[0] == 0x02
+
+
 def test_pending_connection_bound(make_server) -> None:
     srv = make_server("[dicom]\nmax_pending_connections = 3\nartim_timeout = 5\n")
     idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(3)]

@@ -169,7 +169,7 @@ class Association:
                     self.peer,
                     exc,
                 )
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: see pdu.kernel_timeout
             self._abort(
                 pdu.ABORT_SOURCE_PROVIDER,
                 pdu.ABORT_NOT_SPECIFIED,
@@ -382,7 +382,7 @@ class Association:
 
     # ------------------------------------------------------------------ message loop
     def _message_loop(self) -> None:
-        self.sock.settimeout(self.app.config.network_timeout)
+        pdu.kernel_timeout(self.sock, self.app.config.network_timeout)
         try:
             while True:
                 message = self._backlog.pop(0) if self._backlog else self._next_message(idle=True)
