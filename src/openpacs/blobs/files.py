@@ -13,10 +13,10 @@ A new blob takes one, so acknowledging it costs one fsync of its own data and si
 creating it, fsyncing it (which journals the creation) and fsyncing the directory: 173 against
 329 µs per 8 KiB instance measured on this VM's ext4. Pool files stay open for writing from
 their creation (no second path lookup and open per instance); one that vanished from its
-directory meanwhile (link count 0) is skipped, never written and acknowledged. Pool files older than ``POOL_MAX_AGE`` are
-deleted, never used (crash recovery looks at the hour directories of the last hour), and unused
-ones are deleted on close; an empty file left by a crash is removed by recovery like any
-incomplete blob.
+directory meanwhile (link count 0) is skipped, never written and acknowledged. Pool files
+older than ``POOL_MAX_AGE`` are deleted, never used (crash recovery looks at the hour
+directories of the last hour), and unused ones are deleted on close; an empty file left by a
+crash is removed by recovery like any incomplete blob.
 Direct I/O: a blob of at least ``direct_io_min_size`` bytes written whole from memory goes to
 the disk with O_DIRECT (its 4 KiB-aligned bulk copied once into a reused, page-aligned buffer;
 the tail of under 4 KiB written normally), so the fsync does not push it through the page cache.
