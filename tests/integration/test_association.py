@@ -157,6 +157,48 @@ def test_silence_inside_a_pdu_is_aborted_after_network_timeout(make_server) -> N
     assert raw_associate(srv.port, associate_rq())[0] == 0x02
 
 
+def test_peer_that_takes_no_responses_is_aborted_after_network_timeout(make_server) -> None:
+    """A peer that keeps sending requests but never reads the responses: once the responses
+    fill the socket buffers, the SCP's send waits at most network_timeout (the kernel's
+    SO_SNDTIMEO), then the association is aborted and its slot freed."""
+    from openpacs.dimse import commands as cmd
+    from openpacs.dimse import pdu
+
+    srv = make_server("[dicom]\nnetwork_timeout = 1.0\nmax_associations = 1\n")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", srv.port))
+    try:
+        sock.sendall(associate_rq())
+        assert recv_pdu(sock)[0] == 0x02
+        echo = cmd.encode_command(
+            [
+                (cmd.AFFECTED_SOP_CLASS_UID, VERIFICATION),
+                (cmd.COMMAND_FIELD, cmd.C_ECHO_RQ),
+                (cmd.MESSAGE_ID, 1),
+                (cmd.COMMAND_DATA_SET_TYPE, cmd.NO_DATASET),
+            ]
+        )
+        burst = pdu.p_data_tf(1, True, True, echo) * 256
+        sock.settimeout(3)
+        deadline = time.monotonic() + 60
+        # the SCP stops reading (its sends are blocked): our send times out, or is reset once
+        # the SCP has given up on us
+        with pytest.raises((TimeoutError, ConnectionResetError, BrokenPipeError)):
+            while True:
+                assert time.monotonic() < deadline, "the SCP kept reading"
+                sock.sendall(burst)
+        # without reading anything: the slot comes free once the SCP gave up on this peer
+        deadline = time.monotonic() + 15
+        while "network timeout" not in srv.log():
+            assert time.monotonic() < deadline, "no abort after network_timeout"
+            time.sleep(0.1)
+        assert raw_associate(srv.port, associate_rq())[0] == 0x02
+    finally:
+        sock.close()
+
+
 def test_pending_connection_bound(make_server) -> None:
     srv = make_server("[dicom]\nmax_pending_connections = 3\nartim_timeout = 5\n")
     idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(3)]
