@@ -282,9 +282,7 @@ class IndexWriter:
             item = self._queue.get()
             if item is None:
                 break
-            batch = [item]
-            self._drain(batch)
-            self._run_batch(batch)
+            self._run_batch([item])  # the transaction adds what else is queued
             if self._finish_wal and self._sqlite:
                 self._finish_checkpoint()
         if self._conn is not None:
@@ -411,11 +409,11 @@ class IndexWriter:
         self, batch: list[tuple[WriteOp, Pending[Any]]], grow: bool = False
     ) -> list[Any]:
         """Run the operations of *batch* in one write transaction and commit it; their results
-        in order. grow: once the lock is held, first add what was queued while waiting for it
-        (another process held the index: those operations join this commit, not the next)."""
+        in order. grow: once the lock is held, first add what is queued by then (including what
+        arrived while another process held the index: it joins this commit, not the next)."""
         conn = self._connect()
         with self._process_lock():
-            if grow and self._lock_fd is not None:
+            if grow:
                 self._drain(batch)
             ops = [op for op, _pending in batch]
             if not self._sqlite:
@@ -456,15 +454,15 @@ class IndexWriter:
                 batch[0][1].set_exception(exc)
                 return
             # One operation spoiled the batch: run each alone so only the culprit fails.
-            for item in batch:
+            for op, pending in batch:
                 try:
-                    (result,) = self._transaction([item])
+                    (result,) = self._transaction([(op, pending)])
                     self._committed(started, 1)
-                    item[1].set_result(result)
+                    pending.set_result(result)
                 except Exception as single_exc:
                     self._rolled_back()
                     self._drop_connection_if_broken(single_exc)
-                    item[1].set_exception(single_exc)
+                    pending.set_exception(single_exc)
             return
         self._committed(started, len(batch))
         for (_op, pending), result in zip(batch, results, strict=True):
