@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 DUPLICATE_POLICIES = ("overwrite", "ignore", "reject", "keep")
+WORKER_AFFINITY_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,13 @@ def _int_range(value: object, key: str, lo: int, hi: int) -> int:
     return value
 
 
+def _choice(value: object, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    assert isinstance(value, str)
+    return value
+
+
 def _str(value: object, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: must be a string, got {value!r}")
@@ -120,6 +128,9 @@ class DicomConfig:
     # Processes accepting associations on the listening socket (each has its own interpreter,
     # so ingest uses every core). 0 = one per CPU core.
     workers: int = 0
+    # auto: each worker on its own CPU while there are at least as many open associations as
+    # workers (see server.WorkerAffinity); on: always; off: the scheduler decides.
+    worker_affinity: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -290,6 +301,11 @@ def _dicom(raw: dict[str, Any]) -> DicomConfig:
             100000,
         ),
         workers=_int_range(raw.get("workers", d.workers), "dicom.workers", 0, 64),
+        worker_affinity=_choice(
+            raw.get("worker_affinity", d.worker_affinity),
+            "dicom.worker_affinity",
+            WORKER_AFFINITY_MODES,
+        ),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import select
@@ -308,14 +309,83 @@ class Server:
                 os.write(self._ready_w, b"1")
                 os.close(self._ready_w)
             self._ready_w = None
+        load = self._load
+        affinity = WorkerAffinity(
+            self.config.dicom.worker_affinity, number - 1, len(load) if load is not None else 1
+        )
         while not stopping:
             time.sleep(0.2)
+            if load is not None:
+                affinity.update(load.counts())
             if os.getppid() == 1:
                 break  # orphaned: the master is gone
         dimse.stop()
         for service in singletons:
             service.stop()
         archive.close(clean=True)
+
+
+class WorkerAffinity:
+    """Keeps a worker process on one CPU while the server is busy (Linux; elsewhere, or with
+    one CPU or one worker, nothing is done).
+
+    With as many open associations as workers, every core is needed and each worker is a
+    process whose threads (association threads, index writer, blob pool) take turns at one
+    GIL. Left to the scheduler, those threads run on both cores, so every GIL hand-over and
+    every wake-up of the index writer crosses CPUs — an inter-processor interrupt, which in a
+    virtual machine is an exit to the hypervisor. Worker *i* pinned to the *i*-th allowed CPU
+    keeps its hand-overs on one core: 64² instances at 2 and 4 associations, interleaved runs,
+    +10–30 % (docs/performance.md). With fewer associations than workers the pinning is
+    lifted: a lone association's worker then uses both cores (its index writer's SQLite work
+    runs without the GIL, beside the association thread), which pinning measurably slowed.
+
+    ``mode``: ``auto`` (the above), ``on`` (always pinned), ``off`` (never). Checked every
+    0.2 s by the worker's main loop; threads started since the last check are set too (a new
+    thread inherits its creator's CPUs, so only one started during a change can be wrong).
+    """
+
+    def __init__(self, mode: str, worker: int, workers: int) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        usable = len(cpus) > 1 and workers > 1 and hasattr(os, "sched_setaffinity")
+        self.mode = mode if usable else "off"
+        self.all_cpus: set[int] = set(cpus)
+        self.own_cpu: set[int] = {cpus[worker % len(cpus)]} if cpus else set()
+        self.pinned = False
+        self._set: set[int] = set()  # threads whose CPUs match self.pinned
+
+    @staticmethod
+    def wanted(mode: str, counts: list[int]) -> bool:
+        if mode == "on":
+            return True
+        if mode == "auto":
+            return len(counts) > 1 and sum(counts) >= len(counts)
+        return False
+
+    def update(self, counts: list[int]) -> None:
+        if self.mode == "off":
+            return
+        want = self.wanted(self.mode, counts)
+        try:
+            threads = {int(tid) for tid in os.listdir("/proc/self/task")}
+        except OSError:
+            return
+        todo = threads if want != self.pinned else threads - self._set
+        cpus = self.own_cpu if want else self.all_cpus
+        for tid in todo:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError as exc:  # the thread ended, or a cgroup took the CPU away
+                if exc.errno != errno.ESRCH:
+                    log.warning("cannot set the CPUs of thread %d: %s; affinity off", tid, exc)
+                    self.mode = "off"
+                    for other in threads:  # best effort: back on every CPU
+                        with contextlib.suppress(OSError):
+                            os.sched_setaffinity(other, self.all_cpus)
+                    return
+        if want != self.pinned:
+            log.debug("worker %s: %s", os.getpid(), f"on CPU {cpus}" if want else "on all CPUs")
+        self.pinned = want
+        self._set = threads
 
 
 def _die_with_parent() -> None:

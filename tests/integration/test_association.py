@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -275,3 +276,70 @@ def test_associations_are_spread_over_worker_processes(make_server) -> None:
             assert time.monotonic() < deadline, "connections still open after release"
             time.sleep(0.05)
         time.sleep(0.2)  # the association threads end right after closing their sockets
+
+
+def _cpus_per_thread(pid: int) -> set[str]:
+    """The Cpus_allowed_list of every thread of process *pid*."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    found.add(line.split(":", 1)[1].strip())
+    return found
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least two CPUs")
+def test_busy_workers_are_kept_on_their_own_cpu(make_server) -> None:
+    """worker_affinity = "auto": with as many open associations as workers each worker's
+    threads run on one CPU of their own; once associations close, on every CPU again."""
+    everything = _cpus_per_thread(os.getpid())
+    srv = make_server("[dicom]\nworkers = 2\n")
+    workers = srv.pids()[1:]
+    assert len(workers) == 2
+    ae = AE(ae_title="PINNED")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    lone = ae.associate("127.0.0.1", srv.port, ae_title="OPENPACS")
+    assert lone.is_established
+    time.sleep(0.6)  # three checks of the worker loops
+    assert all(_cpus_per_thread(pid) == everything for pid in workers)
+    second = ae.associate("127.0.0.1", srv.port, ae_title="OPENPACS")
+    assert second.is_established
+    try:
+
+        def pinned_apart() -> bool:
+            per_worker = [_cpus_per_thread(pid) for pid in workers]
+            single = [cpus.pop() for cpus in per_worker if len(cpus) == 1]
+            return len(single) == 2 and all(c.isdigit() for c in single) and single[0] != single[1]
+
+        assert _wait_for(pinned_apart), [_cpus_per_thread(pid) for pid in workers]
+        assert second.send_c_echo().Status == 0 and lone.send_c_echo().Status == 0
+    finally:
+        second.release()
+        lone.release()
+    assert _wait_for(lambda: all(_cpus_per_thread(pid) == everything for pid in workers))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least two CPUs")
+def test_worker_affinity_off_leaves_the_cpus_to_the_scheduler(make_server) -> None:
+    everything = _cpus_per_thread(os.getpid())
+    srv = make_server('[dicom]\nworkers = 2\nworker_affinity = "off"\n')
+    ae = AE(ae_title="FREE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = [ae.associate("127.0.0.1", srv.port, ae_title="OPENPACS") for _ in range(4)]
+    try:
+        assert all(a.is_established for a in held)
+        time.sleep(0.6)
+        assert all(_cpus_per_thread(pid) == everything for pid in srv.pids()[1:])
+    finally:
+        for assoc in held:
+            assoc.release()

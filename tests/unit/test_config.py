@@ -39,6 +39,7 @@ def test_defaults() -> None:
     assert config.hl7.port == 2575
     assert config.storage.data_dir == Path("./openpacs-data")
     assert config.storage.duplicate_policy == "overwrite"
+    assert config.dicom.worker_affinity == "auto"
     assert config.remotes == ()
 
 
@@ -84,6 +85,8 @@ def test_flags_override_file(tmp_path: Path) -> None:
         ("[dicom]\nartim_timeout = -1", "dicom.artim_timeout"),
         ('[dicom]\nae_tilte = "X"', "dicom.ae_tilte"),
         ('[storage]\nduplicate_policy = "twice"', "storage.duplicate_policy"),
+        ('[dicom]\nworker_affinity = "yes"', "dicom.worker_affinity"),
+        ("[dicom]\nworker_affinity = true", "dicom.worker_affinity"),
         ('[[remote]]\nae_title = "V"\nhost = "h"', "remote[0].port"),
         (
             '[[remote]]\nname="a"\nae_title="V"\nhost="h"\nport=1\n[[remote]]\nname="a"\nae_title="W"\nhost="h"\nport=2',

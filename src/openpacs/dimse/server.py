@@ -78,6 +78,10 @@ class WorkerLoad:
         """A worker died: its associations died with it (called by the master)."""
         self._counts[worker] = 0
 
+    def counts(self) -> list[int]:
+        """Every worker's open associations (a snapshot)."""
+        return list(self._counts)
+
     def least_loaded(self, worker: int) -> bool:
         mine = self._counts[worker]
         return all(mine <= other for other in self._counts)
