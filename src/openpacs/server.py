@@ -334,8 +334,9 @@ class WorkerAffinity:
     GIL. Left to the scheduler, those threads run on both cores, so every GIL hand-over and
     every wake-up of the index writer crosses CPUs — an inter-processor interrupt, which in a
     virtual machine is an exit to the hypervisor. Worker *i* pinned to the *i*-th allowed CPU
-    keeps its hand-overs on one core: 64² instances at 2 and 4 associations, interleaved runs,
-    +10–30 % (docs/performance.md). With fewer associations than workers the pinning is
+    keeps its hand-overs on one core: 64² instances in interleaved runs, +21…+35 % at 2
+    associations, −10…+28 % (mean about +10 %) at 4 (docs/performance.md). With fewer
+    associations than workers the pinning is
     lifted: a lone association's worker then uses both cores (its index writer's SQLite work
     runs without the GIL, beside the association thread), which pinning measurably slowed.
 
