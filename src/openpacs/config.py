@@ -312,11 +312,11 @@ def _dicom(raw: dict[str, Any]) -> DicomConfig:
 def _storage(raw: dict[str, Any], base: Path) -> StorageConfig:
     d = StorageConfig()
     _check_keys(raw, {f.name for f in dataclasses.fields(StorageConfig)}, "storage")
-    policy = raw.get("duplicate_policy", d.duplicate_policy)
-    if policy not in DUPLICATE_POLICIES:
-        raise ConfigError(
-            f"storage.duplicate_policy: {policy!r} is not one of {', '.join(DUPLICATE_POLICIES)}"
-        )
+    policy = _choice(
+        raw.get("duplicate_policy", d.duplicate_policy),
+        "storage.duplicate_policy",
+        DUPLICATE_POLICIES,
+    )
     data_dir = Path(_str(raw.get("data_dir", str(d.data_dir)), "storage.data_dir"))
     if not data_dir.is_absolute() and "data_dir" in raw:
         data_dir = base / data_dir  # relative to the config file, as users expect
@@ -427,8 +427,7 @@ def parse_config(
     log_raw = _section(raw, "logging")
     _check_keys(log_raw, {"level"}, "logging")
     level = _str(log_raw.get("level", "INFO"), "logging.level").upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"logging.level: {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    _choice(level, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     return Config(
         dicom=_dicom(_section(raw, "dicom")),
         storage=_storage(_section(raw, "storage"), base),
