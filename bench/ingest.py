@@ -1500,6 +1500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     versions["storescu"] = _dcmtk_version("storescu")
 
     warmup = [] if args.no_warmup else ensure_corpus("warmup")
+    # Absolute: each peer runs with its run directory as working directory, and the
+    # storescu config file is named relative to nothing.
+    args.scratch = args.scratch.resolve()
     args.scratch.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.UTC)
     rows: list[dict[str, Any]] = []
