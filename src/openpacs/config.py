@@ -143,6 +143,11 @@ class StorageConfig:
     # Blobs of at least this many bytes, received whole in memory, are written with O_DIRECT
     # (past the page cache: much less kernel CPU per fsync for large images). 0 = never.
     direct_io_min_size: int = 256 * 1024
+    # After a blob's fsync, drop its pages from the kernel's page cache (they are clean), so
+    # ingest does not push the index and recently read studies out of memory, and the next
+    # blob is written into pages just freed. Large blobs written with O_DIRECT bypass the
+    # cache anyway. Only with fsync on.
+    drop_written_pages: bool = True
 
 
 @dataclass(frozen=True)
@@ -329,6 +334,9 @@ def _storage(raw: dict[str, Any], base: Path) -> StorageConfig:
             "storage.direct_io_min_size",
             0,
             1 << 40,
+        ),
+        drop_written_pages=_bool(
+            raw.get("drop_written_pages", d.drop_written_pages), "storage.drop_written_pages"
         ),
     )
 

@@ -129,6 +129,78 @@ def test_o_direct_off(tmp_path: Path) -> None:
     store.close()
 
 
+def _fs_type(path: Path) -> str:
+    """The type of the file system holding *path* (the longest mount point above it)."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        mount, fstype = line.split()[1:3]
+        if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
+
+
+def _resident_pages(path: Path) -> int:
+    """Pages of *path* in the page cache (mincore(2) over a mapping of it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = os.path.getsize(path)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def test_written_pages_leave_the_page_cache_after_the_fsync(tmp_path: Path) -> None:
+    """drop_written_pages: a committed blob's pages are not kept cached (they are clean once
+    fsynced); without it, or without fsync, they stay."""
+    if _fs_type(tmp_path) == "tmpfs":
+        pytest.skip("tmp_path is on tmpfs, whose pages never leave memory")
+    payload = os.urandom(5 * 4096 + 100)
+    kept_store = FileBlobStore(tmp_path / "kept", drop_written_pages=False)
+    kept = kept_store.write([payload])
+    kept.commit()
+    dropping = FileBlobStore(tmp_path / "dropped", drop_written_pages=True)
+    dropped = dropping.write([payload[:100], payload[100:]])
+    dropped.commit()
+    streamed = dropping.create()  # written in pieces, as a large data set arrives
+    for i in range(0, len(payload), 4096):
+        streamed.write(payload[i : i + 4096])
+    streamed.commit()
+    unsynced_store = FileBlobStore(tmp_path / "unsynced", fsync=False, drop_written_pages=True)
+    unsynced = unsynced_store.write([payload])
+    unsynced.commit()  # no fsync: dirty pages are not dropped (the kernel writes them later)
+
+    assert _resident_pages(kept_store.path(kept.key)) == 6
+    assert _resident_pages(dropping.path(dropped.key)) == 0
+    assert _resident_pages(dropping.path(streamed.key)) == 0
+    assert _resident_pages(unsynced_store.path(unsynced.key)) == 6
+    assert dropping.read(dropped.key) == payload == dropping.read(streamed.key)
+    for store in (kept_store, dropping, unsynced_store):
+        store.close()
+
+
 def test_a_blob_counts_as_open_until_its_row_is_filed(tmp_path: Path) -> None:
     """Recovery starts its scan at the oldest blob whose index row may not be committed yet:
     a blob fsynced before its row still counts until filed()."""

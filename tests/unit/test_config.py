@@ -17,6 +17,7 @@ artim_timeout = 2.5
 [storage]
 data_dir = "archive"
 duplicate_policy = "keep"
+drop_written_pages = false
 [[remote]]
 name = "viewer"
 ae_title = "VIEWER"
@@ -40,6 +41,7 @@ def test_defaults() -> None:
     assert config.storage.data_dir == Path("./openpacs-data")
     assert config.storage.duplicate_policy == "overwrite"
     assert config.dicom.worker_affinity == "auto"
+    assert config.storage.drop_written_pages is True
     assert config.remotes == ()
 
 
@@ -52,6 +54,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.dicom.require_known_calling_ae is True
     assert config.storage.data_dir == tmp_path / "archive"  # relative to the config file
     assert config.storage.duplicate_policy == "keep"
+    assert config.storage.drop_written_pages is False
     assert [r.name for r in config.remotes] == ["viewer", "CT1"]
     assert config.remote_by_ae("VIEWER") is not None and config.remote_by_ae("X") is None
 
@@ -85,6 +88,7 @@ def test_flags_override_file(tmp_path: Path) -> None:
         ("[dicom]\nartim_timeout = -1", "dicom.artim_timeout"),
         ('[dicom]\nae_tilte = "X"', "dicom.ae_tilte"),
         ('[storage]\nduplicate_policy = "twice"', "storage.duplicate_policy"),
+        ('[storage]\ndrop_written_pages = "no"', "storage.drop_written_pages"),
         ('[dicom]\nworker_affinity = "yes"', "dicom.worker_affinity"),
         ("[dicom]\nworker_affinity = true", "dicom.worker_affinity"),
         ('[[remote]]\nae_title = "V"\nhost = "h"', "remote[0].port"),

@@ -150,6 +150,7 @@ class Archive:
             data_dir / "blobs",
             fsync=config.storage.fsync,
             direct_io_min_size=config.storage.direct_io_min_size,
+            drop_written_pages=config.storage.drop_written_pages,
         )
         self.engine = engine or db.make_engine(
             config.index_url, busy_timeout=config.index.busy_timeout
