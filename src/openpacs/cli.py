@@ -12,12 +12,35 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from openpacs import __version__
 from openpacs.config import Config, ConfigError, apply_overrides, load_config
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LineFormatter(logging.Formatter):
+    """logging's default line, its time text made once per second instead of by
+    ``time.strftime`` for every record (a line per stored instance is on the hot path:
+    ``formatTime`` was 1.2 % of the server's CPU at 64 x 64 with 4 associations)."""
+
+    def __init__(self, fmt: str = LOG_FORMAT) -> None:
+        super().__init__(fmt)
+        self._second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached, text = self._second
+        if second != cached:
+            text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = (second, text)
+        return f"{text},{int(record.msecs):03d}"  # logging's default_msec_format "%s,%03d"
 
 
 def _setup_logging(level: str) -> None:
@@ -27,11 +50,9 @@ def _setup_logging(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter())
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
     # pynetdicom and pydicom only decode for us; a peer's malformed PDU or value is reported
     # once by our own code (with the peer's address and AE title), not as their tracebacks.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
