@@ -29,7 +29,8 @@ How
   last. Every ``storescu`` must exit 0 and the peer must hold exactly
   warm-up + corpus instances (storescp: files in its output dir; Orthanc:
   ``GET /statistics`` CountInstances; openpacs: non-empty ``*.dcm`` under DIR/blobs),
-  otherwise the cell reads FAILED. The peer is then stopped with SIGTERM.
+  otherwise the run is FAILED (a cell of several runs is then the median of the
+  others, marked ``*``; FAILED when none succeeded). The peer is then stopped with SIGTERM.
 * Sender and DCMTK-based receivers run with ``TCP_NODELAY=1`` (DCMTK otherwise
   leaves Nagle on and ingest is latency-bound at ~20 inst/s). ``storescu``
   proposes only Explicit VR Little Endian (a ``-xf`` profile), the corpus's
@@ -1203,7 +1204,7 @@ def _cell(agg: dict[str, Any] | None) -> str:
     if agg is None:
         return "-"
     if agg["status"] == "ok":
-        return f"{agg['rate']:.1f}"
+        return f"{agg['rate']:.1f}" + ("*" if agg.get("failed_runs") else "")
     return "n/a" if agg["status"] == "n/a" else "FAILED"
 
 
@@ -1263,10 +1264,13 @@ def describe(res: RunResult, n: int) -> str:
 
 def aggregate(runs: Sequence[RunResult], stat: str) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": [dataclasses.asdict(r) for r in runs]}
-    if not runs or not all(r.ok for r in runs):
+    rates = [r.rate for r in runs if r.ok and r.rate is not None]
+    if not rates:
         out["status"] = "failed"
         return out
-    rates = [r.rate for r in runs if r.rate is not None]
+    # Some runs failed (a peer refused to store, say): the cell folds the others,
+    # marked with * in the table; the failed runs and their notes stay in the output.
+    out["failed_runs"] = len(runs) - len(rates)
     out["status"] = "ok"
     out["rate"] = max(rates) if stat == "best" else statistics.median(rates)
     return out
@@ -1444,7 +1448,8 @@ def print_report(
     print()
     print(
         f"inst/s, {args.stat} of {args.repeat} run(s) per cell; ratios of inst/s. "
-        "n/a = peer not available, FAILED = see notes."
+        "n/a = peer not available, FAILED = see notes, * = some runs failed (see notes) and "
+        "the cell folds the others."
     )
     for row in rows:
         where = f"{row['corpus']} a{row['assocs']}"
