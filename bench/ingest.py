@@ -1214,6 +1214,18 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
     return f"{a['rate'] / b['rate']:.2f}"
 
 
+def _paired_ratios(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """openpacs/peer within each repeat (the peers of one repeat run back to back, so these
+    compare like with like on a machine whose speed drifts), when there are several."""
+    runs_a, runs_b = (a or {}).get("runs", []), (b or {}).get("runs", [])
+    if len(runs_a) < 2 or len(runs_a) != len(runs_b):
+        return ""
+    return ", ".join(
+        f"{x['rate'] / y['rate']:.2f}" if x["ok"] and y["ok"] and x["rate"] and y["rate"] else "-"
+        for x, y in zip(runs_a, runs_b, strict=True)
+    )
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = [
         "corpus",
@@ -1463,6 +1475,10 @@ def print_report(
                     print(f"  note {where} r{i + 1} {name}: {run['note']}")
             if agg["status"] == "n/a":
                 print(f"  note {where} {name}: {agg['reason']}")
+        for peer in ("orthanc", "storescp"):
+            paired = _paired_ratios(row["peers"].get("openpacs"), row["peers"].get(peer))
+            if paired:
+                print(f"  openpacs/{peer} {where} repeat by repeat: {paired}")
     print(
         f"machine: nproc={facts['nproc']}, CPU {facts['cpu']}, {facts['mem_gib']} GiB, "
         f"kernel {facts['kernel']}, scratch {facts['scratch_fs']}"
