@@ -36,6 +36,9 @@ How
   proposes only Explicit VR Little Endian (a ``-xf`` profile), the corpus's
   own transfer syntax, so nothing is transcoded on either side.
 * With ``--repeat N`` each cell is the median (or ``--stat best``) of N runs.
+* A run during which other processes or the hypervisor (steal) took more than 10 % of the
+  CPUs is measured again, up to ``--redo`` times (default 2), whichever the peer; the
+  discarded runs are printed and kept in the JSON.
 * The CPU time of each timed send is split (``/proc``) into peer, senders,
   kernel threads and "other"; a run during which other processes were busy is
   flagged, since developer machines are shared.
@@ -1014,6 +1017,8 @@ class RunResult:
     other_cpu_s: float | None = None
     steal_s: float | None = None
     note: str = ""
+    # other processes or the hypervisor took more than OTHER_CPU_WARN of the CPUs (see --redo)
+    disturbed: bool = False
 
 
 # ext4 without a journal (this VM's root filesystem) skips inodes freed in the last 5-40 s when
@@ -1108,6 +1113,7 @@ def measure(
             )
         if cpu.steal > max(0.5, OTHER_CPU_WARN * capacity):
             notes.append(f"hypervisor stole {cpu.steal:.1f} CPU-s of {capacity:.1f}")
+        result.disturbed = max(cpu.other, cpu.steal) > max(0.5, OTHER_CPU_WARN * capacity)
         if not result.ok:
             notes.append(f"stored {stored} != expected {expected} (incl. {len(warmup)} warm-up)")
         elif result.settle_s:
@@ -1370,6 +1376,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--keep-data", action="store_true", help="keep per-run data dirs")
     ap.add_argument(
+        "--redo",
+        type=int,
+        default=2,
+        metavar="N",
+        help="measure a run again (up to N times) when other processes or the hypervisor "
+        f"took more than {OTHER_CPU_WARN:.0%} of the CPUs during it; the same rule for every "
+        "peer, discarded runs kept in the JSON",
+    )
+    ap.add_argument(
         "--settle",
         type=float,
         default=10.0,
@@ -1429,21 +1444,35 @@ def run_row(
     """All repeats of one (corpus, associations) row, peers interleaved per repeat."""
     several_spy = len(args.corpus) * len(args.assocs) * args.repeat > 1
     runs: dict[str, list[RunResult]] = {p.name: [] for p in active}
+    discarded: dict[str, list[RunResult]] = {p.name: [] for p in active}
     for rep in range(args.repeat):
         for peer in active:
             tag = f"{corpus}-a{assocs}-r{rep + 1}"
             spy = None
             if args.py_spy is not None and peer.name == "openpacs":
                 spy = _pyspy_path(args.py_spy, tag, several_spy)
-            res = measure(peer, files, assocs, warmup, args.scratch, args, tag, spy)
+            for attempt in range(args.redo + 1):
+                res = measure(peer, files, assocs, warmup, args.scratch, args, tag, spy)
+                line = f"[{tag}] {peer.name}: {describe(res, len(files))}"
+                if res.ok and res.disturbed and attempt < args.redo:
+                    # The same rule for every peer: a run the machine disturbed is measured
+                    # again; the discarded one stays in the JSON and in the output.
+                    discarded[peer.name].append(res)
+                    print(f"{line} -- disturbed, measured again", file=sys.stderr, flush=True)
+                    continue
+                break
             runs[peer.name].append(res)
-            print(f"[{tag}] {peer.name}: {describe(res, len(files))}", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
     return {
         "corpus": corpus,
         "assocs": assocs,
         "instances": len(files),
         "bytes": sum(f.stat().st_size for f in files),
-        "peers": {name: aggregate(r, args.stat) for name, r in runs.items()},
+        "peers": {
+            name: aggregate(r, args.stat)
+            | {"discarded": [dataclasses.asdict(d) for d in discarded[name]]}
+            for name, r in runs.items()
+        },
     }
 
 
@@ -1475,6 +1504,8 @@ def print_report(
                     print(f"  note {where} r{i + 1} {name}: {run['note']}")
             if agg["status"] == "n/a":
                 print(f"  note {where} {name}: {agg['reason']}")
+            for gone in agg.get("discarded", []):
+                print(f"  discarded {where} {name}: {gone['rate']:.1f} inst/s ({gone['note']})")
         for peer in ("orthanc", "storescp"):
             paired = _paired_ratios(row["peers"].get("openpacs"), row["peers"].get(peer))
             if paired:
