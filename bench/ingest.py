@@ -1555,6 +1555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Absolute: each peer runs with its run directory as working directory, and the
     # storescu config file is named relative to nothing.
     args.scratch = args.scratch.resolve()
+    args.redo = max(0, args.redo)
     args.scratch.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.UTC)
     rows: list[dict[str, Any]] = []

@@ -42,10 +42,22 @@ def test_the_server_logs_through_it() -> None:
     from openpacs import cli
 
     root = logging.getLogger()
-    saved = root.handlers[:]
+    names = ("pynetdicom", "pydicom", "py.warnings")
+    saved = (
+        root.handlers[:],
+        root.level,
+        [logging.getLogger(n).level for n in names],
+        (logging._srcfile, logging.logThreads, logging.logProcesses),  # type: ignore[attr-defined]
+        logging.logMultiprocessing,
+    )
     root.handlers.clear()
     try:
         cli._setup_logging("INFO")
         assert [type(h.formatter) for h in root.handlers] == [LineFormatter]
     finally:
-        root.handlers[:] = saved
+        logging.captureWarnings(False)
+        root.handlers[:], level, levels, flags, logging.logMultiprocessing = saved
+        root.setLevel(level)
+        for name, lvl in zip(names, levels, strict=True):
+            logging.getLogger(name).setLevel(lvl)
+        logging._srcfile, logging.logThreads, logging.logProcesses = flags  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ with instances nobody reads yet (pushing out the index and studies being viewed;
 bypass it with O_DIRECT anyway), and the next blob is written into pages just freed on the same
 CPU instead of fresh ones: on this VM a first write into never-used memory is slow, and
 ``perf`` at 64 x 64 with 4 associations showed the blob ``writev`` at 10.2 % of the server's CPU
-(page-cache copy and zeroing), 3.9 % with the pages dropped, the ``fadvise`` itself 1.5 %
+(page-cache copy and zeroing), 3.9 % with the pages dropped, the ``fadvise`` itself 1.4 %
 (microbenchmark, 9 KB file write + fsync: 125-161 against 100-156 us of system CPU per file,
 lower in 14 of 14 pairs; in the server the change in throughput was inside the noise).
 Must not: know about the index or parse DICOM.
