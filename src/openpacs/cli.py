@@ -120,7 +120,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         for path in bar:
             result = archive.import_file(path)
             if not result.ok:
-                reason = result.comment + (f" ({result.detail})" if result.detail else "")
+                reason = (result.comment or "") + (f" ({result.detail})" if result.detail else "")
                 failed.append((path, f"0x{result.status.code:04X} {reason}"))
             elif result.outcome in ("ignored", "replaced", "kept-duplicate"):
                 duplicates += 1

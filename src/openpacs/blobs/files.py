@@ -338,6 +338,7 @@ class FileBlobStore:
                 time.sleep(1.0)
                 continue
             now = time.time()
+            doomed: list[tuple[str, int]]
             with self._pool_cond:
                 if self._closing:
                     doomed = made

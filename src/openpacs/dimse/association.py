@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAcPdu
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPdu
 from pynetdicom.pdu_primitives import (
@@ -329,14 +330,14 @@ class Association:
         self._has_slot = True
 
         user_info = primitive.user_information or []
-        roles: dict[str, tuple[bool | None, bool | None]] = {}
+        roles: dict[UID, tuple[bool | None, bool | None]] = {}
         for item in user_info:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = item.maximum_length_received or 0
             elif isinstance(item, ImplementationClassUIDNotification):
                 self.peer_implementation = str(item.implementation_class_uid or "")
             elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
-                roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+                roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
 
         results, role_replies = negotiate_as_acceptor(
             primitive.presentation_context_definition_list,

@@ -107,9 +107,9 @@ class FindService(_QueryRetrieveService):
         count = 0
         started = time.monotonic()
         try:
-            request = self.query.prepare(model, identifier)
-            pending = PENDING_WARNING if request.unsupported else PENDING
-            for match in self.query.find(request):
+            find = self.query.prepare(model, identifier)
+            pending = PENDING_WARNING if find.unsupported else PENDING
+            for match in self.query.find(find):
                 if assoc.cancelled(message_id):
                     assoc.send_response(message, CANCELLED, "Cancelled by C-CANCEL")
                     log.info("C-FIND from %s cancelled after %d matches", assoc.calling_ae, count)
@@ -129,7 +129,7 @@ class FindService(_QueryRetrieveService):
         assoc.send_response(message, SUCCESS)
         log.info(
             "C-FIND %s level from %s: %d matches in %.3f s",
-            request.level.name,
+            find.level.name,
             assoc.calling_ae,
             count,
             time.monotonic() - started,

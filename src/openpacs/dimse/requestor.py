@@ -17,6 +17,7 @@ import logging
 import socket
 from collections.abc import Sequence
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAcPdu
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPdu
 from pynetdicom.pdu_primitives import (
@@ -126,12 +127,12 @@ def associate(
     ac = AssociateAcPdu()
     ac.decode(bytes((pdu_type, 0)) + length.to_bytes(4, "big") + body)
     primitive = ac.to_primitive()
-    reply_roles: dict[str, tuple[bool | None, bool | None]] = {}
-    for item in primitive.user_information or []:
-        if isinstance(item, MaximumLengthNotification):
-            assoc.peer_max_pdu = item.maximum_length_received or 0
-        elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
-            reply_roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+    reply_roles: dict[UID, tuple[bool | None, bool | None]] = {}
+    for reply in primitive.user_information or []:
+        if isinstance(reply, MaximumLengthNotification):
+            assoc.peer_max_pdu = reply.maximum_length_received or 0
+        elif isinstance(reply, SCP_SCU_RoleSelectionNegotiation) and reply.sop_class_uid:
+            reply_roles[UID(str(reply.sop_class_uid))] = (reply.scu_role, reply.scp_role)
     results = negotiate_as_requestor(
         proposed, primitive.presentation_context_definition_results_list, reply_roles or None
     )

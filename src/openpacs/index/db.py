@@ -536,6 +536,14 @@ class Prepared:
         return cursor
 
 
+def inserted_pk(result: Any) -> int:
+    """The primary key of the row an INSERT made (SQLAlchemy types it as possibly missing)."""
+    key = result.inserted_primary_key
+    if key is None or key[0] is None:
+        raise RuntimeError("the INSERT returned no primary key")
+    return int(key[0])
+
+
 def dbapi_cursor(conn: Connection) -> Any:
     """The DBAPI cursor of *conn*, inside the transaction SQLAlchemy began on it."""
     dbapi = conn.connection.dbapi_connection

@@ -382,13 +382,13 @@ class InstanceIndex:
         )
 
     # ------------------------------------------------------------------ reads
-    def find_by_sop_uid(self, sop_uid: str) -> Sequence[Row[Any]]:
+    def find_by_sop_uid(self, sop_uid: str) -> Sequence[Row[*tuple[Any, ...]]]:
         with self.engine.connect() as conn:
             return conn.execute(
                 select(instances).where(instances.c.sop_uid == sop_uid).order_by(instances.c.pk)
             ).all()
 
-    def rows_with_key_prefix(self, prefix: str) -> Sequence[Row[Any]]:
+    def rows_with_key_prefix(self, prefix: str) -> Sequence[Row[*tuple[Any, ...]]]:
         """Instance rows whose blob key starts with *prefix* (an index range scan)."""
         upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         with self.engine.connect() as conn:
@@ -432,7 +432,7 @@ class InstanceIndex:
                 )
             }
 
-    def list_studies(self, limit: int | None = None) -> Sequence[Row[Any]]:
+    def list_studies(self, limit: int | None = None) -> Sequence[Row[*tuple[Any, ...]]]:
         query = (
             select(
                 patients.c.patient_id,

@@ -29,7 +29,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association, evt
 from pynetdicom import status as dimse_status
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
@@ -101,7 +101,7 @@ def associate(
     """Request an association and, when it fails, classify the failure (one place for the
     modality's steps and its print job)."""
     connected, answered = threading.Event(), threading.Event()
-    all_handlers = [
+    all_handlers: list[Any] = [
         *handlers,
         (evt.EVT_CONN_OPEN, lambda event: connected.set()),
         (evt.EVT_PDU_RECV, lambda event: answered.set()),
@@ -809,7 +809,7 @@ class Listener:
             StorageCommitmentPushModel, syntaxes, scu_role=False, scp_role=True
         )
         ae.require_called_aet = True
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_N_EVENT_REPORT, lambda event: handle_report(event, "new association")),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: 0x0000),

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from openpacs.index.db import IndexWriter
+from openpacs.index.db import IndexWriter, inserted_pk
 from openpacs.index.schema import jobs
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,14 @@ class JobQueue:
     ) -> int:
         """Add a job inside a writer operation (committed with that operation)."""
         now = _now()
-        return int(
+        return inserted_pk(
             conn.execute(
                 insert(jobs).values(
                     kind=kind, reference=reference, target=target,
                     payload=json.dumps(payload), state="pending", attempts=0,
                     next_attempt_at=now, created_at=now, updated_at=now,
                 )
-            ).inserted_primary_key[0]
+            )
         )  # fmt: skip
 
     def add(
@@ -93,7 +93,7 @@ class JobQueue:
         now = _now()
 
         def op(conn: Connection) -> int:
-            return int(
+            return inserted_pk(
                 conn.execute(
                     insert(jobs).values(
                         kind=kind,
@@ -106,7 +106,7 @@ class JobQueue:
                         created_at=now,
                         updated_at=now,
                     )
-                ).inserted_primary_key[0]
+                )
             )
 
         return self.writer.run(op)

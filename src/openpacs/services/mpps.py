@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 
 from openpacs.config import Config
 from openpacs.dicom.uids import generate_uid
-from openpacs.index.db import IndexWriter
+from openpacs.index.db import IndexWriter, inserted_pk
 from openpacs.index.schema import instances, mpps, mpps_references
 from openpacs.services.jobs import JobQueue
 from openpacs.services.records import normalize_date, normalize_time
@@ -169,12 +169,14 @@ class MppsService:
                 raise MppsRefused(0x0111, "Duplicate SOP Instance: this MPPS exists")
             now = dt.datetime.now(dt.UTC)
             steps = self.worklist.steps_for(conn, refs)
-            pk = conn.execute(
-                insert(mpps).values(
-                    sop_uid=uid, calling_ae=calling_ae, scheduled=1 if steps else 0,
-                    dataset=encode(ds), created_at=now, **self._columns(ds, status),
+            pk = inserted_pk(
+                conn.execute(
+                    insert(mpps).values(
+                        sop_uid=uid, calling_ae=calling_ae, scheduled=1 if steps else 0,
+                        dataset=encode(ds), created_at=now, **self._columns(ds, status),
+                    )
                 )
-            ).inserted_primary_key[0]  # fmt: skip
+            )  # fmt: skip
             self._save_references(conn, pk, ds)
             self.worklist.set_status(conn, steps, STEP_STATUS[status])
             self._forward(conn, "create", uid, raw, transfer_syntax)

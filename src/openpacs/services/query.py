@@ -392,7 +392,7 @@ class QueryService:
 
     def _sql_condition(self, c: Constraint, allowed: set[Level]) -> ColumnElement[bool] | None:
         if c.tag == REQUEST_ATTRIBUTES_SEQUENCE:
-            conds = [true()]
+            conds: list[ColumnElement[bool]] = [true()]
             for item in c.items:
                 column = REQUEST_ITEM_COLUMNS.get(item.tag)
                 if column is not None and item.kind != MatchKind.UNIVERSAL:

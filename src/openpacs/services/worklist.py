@@ -12,6 +12,7 @@ Must not: parse HL7 or speak DIMSE.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import json
@@ -479,7 +480,7 @@ class WorklistService:
         with self.engine.connect() as conn:
             return list(conn.execute(stmt))
 
-    def get(self, accession_number: str) -> list[WorklistItem]:
+    def get(self, accession_number: str) -> builtins.list[WorklistItem]:
         with self.engine.connect() as conn:
             return [
                 item_from_json(t)
@@ -514,7 +515,9 @@ class WorklistService:
                 query.unsupported.append(int(elem.tag))
         return query
 
-    def find(self, query: WorklistQuery, today: dt.date | None = None) -> Iterator[list[Element]]:
+    def find(
+        self, query: WorklistQuery, today: dt.date | None = None
+    ) -> Iterator[builtins.list[Element]]:
         today = today or dt.date.today()
         conds: list[ColumnElement[bool]] = []
         for c in query.constraints:

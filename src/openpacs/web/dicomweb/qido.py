@@ -211,8 +211,8 @@ class Search:
             for lvl in Level:
                 if lvl.value > level.value:
                     continue
-                for tag, key in KEYS.items():
-                    if key.level == lvl:
+                for tag, known in KEYS.items():
+                    if known.level == lvl:
                         _put(self.identifier, [tag], None)
                 for tag in RAW_ATTRS[lvl]:
                     _put(self.identifier, [tag], None)
