@@ -1105,15 +1105,16 @@ def measure(
             steal_s=round(cpu.steal, 3),
         )
         capacity = seconds * (os.cpu_count() or 1)
-        if cpu.other > max(0.5, OTHER_CPU_WARN * capacity):
+        too_much = max(0.5, OTHER_CPU_WARN * capacity)  # CPU-s taken by others: a disturbed run
+        if cpu.other > too_much:
             who = ", ".join(f"{name} {sec:.1f}" for name, sec in cpu.top_other)
             notes.append(
                 f"other processes used {cpu.other:.1f} CPU-s of {capacity:.1f} available "
                 f"during the timed send ({who}): machine not quiet, figure is pessimistic"
             )
-        if cpu.steal > max(0.5, OTHER_CPU_WARN * capacity):
+        if cpu.steal > too_much:
             notes.append(f"hypervisor stole {cpu.steal:.1f} CPU-s of {capacity:.1f}")
-        result.disturbed = max(cpu.other, cpu.steal) > max(0.5, OTHER_CPU_WARN * capacity)
+        result.disturbed = max(cpu.other, cpu.steal) > too_much
         if not result.ok:
             notes.append(f"stored {stored} != expected {expected} (incl. {len(warmup)} warm-up)")
         elif result.settle_s:
