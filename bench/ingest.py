@@ -1382,7 +1382,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=2,
         metavar="N",
         help="measure a run again (up to N times) when other processes or the hypervisor "
-        f"took more than {OTHER_CPU_WARN:.0%} of the CPUs during it; the same rule for every "
+        f"took more than {OTHER_CPU_WARN:.0%}% of the CPUs during it; the same rule for every "
         "peer, discarded runs kept in the JSON",
     )
     ap.add_argument(
