@@ -100,6 +100,7 @@ from ingest import (
     dcmtk_bin_dir,
     machine_facts,
     quiesce,
+    refuse_second_bench,
     send,
     shard,
     storescu_profile,
@@ -1015,6 +1016,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = parse_args(argv)
+    lock = refuse_second_bench()
+    if lock is None:
+        return 2
     dcmtk = dcmtk_bin_dir("storescu")
     if dcmtk is None or shutil.which("echoscu", path=dcmtk) is None:
         print("error: DCMTK storescu/echoscu not found (apt-get install dcmtk)", file=sys.stderr)

@@ -56,6 +56,7 @@ import atexit
 import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -73,7 +74,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pydicom
@@ -559,6 +560,46 @@ def count_files(root: Path, pattern: str = "*", non_empty: bool = False) -> int:
     return sum(
         1 for p in root.rglob(pattern) if p.is_file() and (not non_empty or p.stat().st_size)
     )
+
+
+# One benchmark at a time on a machine: two harnesses interleave their peers' timed sends and
+# each one's figures are wrong (their quiesce waits only make the overlap rarer, not absent).
+BENCH_LOCK = Path(
+    os.environ.get("OPENPACS_BENCH_LOCK") or Path(tempfile.gettempdir()) / "openpacs-bench.lock"
+)
+
+
+def hold_bench_lock(path: Path | None = None) -> tuple[IO[str] | None, str]:
+    """Take the machine's benchmark lock (an flock, released when this process exits).
+
+    Returns (the open lock file: keep it open, "") or (None, what the holder wrote there).
+    """
+    lock_path = path or BENCH_LOCK
+    f = open(lock_path, "a+")  # noqa: SIM115 -- held open for the life of the process
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return None, holder
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}: {shlex.join(sys.argv)}\n")
+    f.flush()
+    return f, ""
+
+
+def refuse_second_bench() -> IO[str] | None:
+    """For the harnesses' main(): the lock file to keep, or None after printing why not."""
+    held, holder = hold_bench_lock()
+    if held is None:
+        print(
+            f"error: another benchmark holds {BENCH_LOCK} ({holder}); two at once disturb each "
+            "other's timings — wait for it, or stop it",
+            file=sys.stderr,
+        )
+    return held
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -1525,6 +1566,9 @@ def print_report(
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = parse_args(argv)
+    lock = refuse_second_bench()
+    if lock is None:
+        return 2
     # An activated venv puts pynetdicom's own storescu/echoscu/storescp first on PATH: this
     # harness means DCMTK's, so leave the venv's bin out (openpacs is run by its full path).
     venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))

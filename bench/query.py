@@ -96,6 +96,7 @@ from ingest import (
     free_ports,
     machine_facts,
     quiesce,
+    refuse_second_bench,
     send,
     shard,
     storescu_profile,
@@ -1407,6 +1408,9 @@ def build_rows(
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = parse_args(argv)
+    lock = refuse_second_bench()
+    if lock is None:
+        return 2
     for tool in ("findscu", "movescu", "storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:
             print(f"error: DCMTK {tool} not on PATH (apt-get install dcmtk)", file=sys.stderr)

@@ -99,6 +99,7 @@ from ingest import (
     free_ports,
     machine_facts,
     quiesce,
+    refuse_second_bench,
     start_pyspy,
     stop_pyspy,
 )
@@ -1406,6 +1407,9 @@ def describe_items(items: Sequence[Item], today: dt.date) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = parse_args(argv)
+    lock = refuse_second_bench()
+    if lock is None:
+        return 2
     dcmtk = dcmtk_bin_dir("findscu")
     if dcmtk is None or shutil.which("echoscu", path=dcmtk) is None:
         print("error: DCMTK findscu/echoscu not found (apt-get install dcmtk)", file=sys.stderr)
