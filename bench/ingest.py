@@ -1060,6 +1060,10 @@ class RunResult:
     note: str = ""
     # other processes or the hypervisor took more than OTHER_CPU_WARN of the CPUs (see --redo)
     disturbed: bool = False
+    # when the timed send started (UTC, ISO 8601) and the busiest other processes during it
+    # (name, CPU-s), kept for every run: what else ran is otherwise lost once the run is over
+    started_utc: str | None = None
+    top_other: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
 # ext4 without a journal (this VM's root filesystem) skips inodes freed in the last 5-40 s when
@@ -1116,6 +1120,7 @@ def measure(
             notes.append(f"machine not quiet after {args.quiesce:.0f} s of waiting")
         if pyspy_out is not None:
             pyspy = start_pyspy(args.py_spy_bin, running.proc.pid, pyspy_out, run_dir)
+        started_utc = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         before = CpuSnapshot.take()
         seconds = send(
             profile, peer.aet, running.port, shard(files, assocs), run_dir, args.timeout, "timed"
@@ -1144,6 +1149,8 @@ def measure(
             kthreads_cpu_s=round(cpu.kthreads, 3),
             other_cpu_s=round(cpu.other, 3),
             steal_s=round(cpu.steal, 3),
+            started_utc=started_utc,
+            top_other=[(name, round(sec, 2)) for name, sec in cpu.top_other],
         )
         capacity = seconds * (os.cpu_count() or 1)
         too_much = max(0.5, OTHER_CPU_WARN * capacity)  # CPU-s taken by others: a disturbed run
