@@ -905,6 +905,20 @@ class OrthancPeer(Peer):
                 con.close()
 
 
+# The interpreter matters as much as some of openpacs' own optimisations: on the bench machine
+# pyenv's CPython 3.11 (shared libpython, no PGO/LTO) needed ~12 % more CPU per 64² instance than
+# Debian's python3.11 (libpython linked in, PGO/LTO) running the same code (docs/performance.md).
+INTERPRETER_PROBE = """
+import importlib.metadata, os, sys
+with open("/proc/self/maps") as maps:
+    shared = any("libpython" in line for line in maps)
+kind = "shared libpython" if shared else "libpython linked in"
+base = os.path.realpath(sys._base_executable)
+version = sys.version.split()[0]
+print(importlib.metadata.version("openpacs"), "on Python", version, f"({base}, {kind})")
+"""
+
+
 class OpenpacsPeer(Peer):
     name = "openpacs"
     aet = "OPENPACS"
@@ -920,8 +934,7 @@ class OpenpacsPeer(Peer):
         python = self.binary.parent / "python"
         if not python.is_file():
             return "unknown"
-        code = "import importlib.metadata as m; print(m.version('openpacs'))"
-        return "openpacs " + _first_line([str(python), "-c", code])
+        return "openpacs " + _first_line([str(python), "-c", INTERPRETER_PROBE])
 
     def durability(self) -> str:
         cfg = f" with --config {self.config}" if self.config else " (default config)"

@@ -71,7 +71,7 @@ def test_a_second_benchmark_is_refused(script: str, tmp_path: Path) -> None:
     assert not (tmp_path / "scratch").exists()
 
 
-def test_the_lock_is_taken_and_given_back(tmp_path: Path) -> None:
+def _load_ingest() -> Any:
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("bench_ingest", BENCH / "ingest.py")
@@ -82,6 +82,11 @@ def test_the_lock_is_taken_and_given_back(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(BENCH))
         sys.modules.pop("bench_ingest", None)
+    return ingest
+
+
+def test_the_lock_is_taken_and_given_back(tmp_path: Path) -> None:
+    ingest = _load_ingest()
     lock = tmp_path / "bench.lock"
     first, holder = ingest.hold_bench_lock(lock)
     assert first is not None and holder == ""
@@ -92,3 +97,23 @@ def test_the_lock_is_taken_and_given_back(tmp_path: Path) -> None:
     third, holder = ingest.hold_bench_lock(lock)
     assert third is not None and holder == ""
     third.close()
+
+
+def test_the_openpacs_version_names_its_interpreter() -> None:
+    """The interpreter build changes openpacs' figures (~12 % CPU per instance between pyenv's
+    and Debian's CPython 3.11 here): every run records which one ran it."""
+    ingest = _load_ingest()
+    line = subprocess.run(
+        [sys.executable, "-c", ingest.INTERPRETER_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
+    with open("/proc/self/maps") as maps:
+        shared = any("libpython" in entry for entry in maps)
+    base = os.path.realpath(sys._base_executable)  # type: ignore[attr-defined]
+    version = sys.version.split()[0]
+    kind = "shared libpython" if shared else "libpython linked in"
+    assert line.endswith(f" on Python {version} ({base}, {kind})"), line
+    assert line.split()[0][0].isdigit(), line  # openpacs' own version comes first
