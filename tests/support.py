@@ -156,14 +156,18 @@ class ServerProcess:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
         return [self.proc.pid, *map(int, children)]
 
-    def rss_peak_kb(self) -> int:
-        """The largest peak resident set (VmHWM) of any of the server's processes."""
-        peaks = []
+    def status_kb(self, field: str) -> dict[int, int]:
+        """A size field of /proc/<pid>/status (VmRSS, VmHWM, …) in kB, per server process."""
+        sizes: dict[int, int] = {}
         for pid in self.pids():
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks.append(int(line.split()[1]))
-        return max(peaks)
+                if line.startswith(f"{field}:"):
+                    sizes[pid] = int(line.split()[1])
+        return sizes
+
+    def rss_peak_kb(self) -> int:
+        """The largest peak resident set (VmHWM) of any of the server's processes."""
+        return max(self.status_kb("VmHWM").values())
 
     def run_cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

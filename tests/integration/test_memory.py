@@ -68,15 +68,6 @@ def _send(storescu: str, port: int, files: list[Path]) -> None:
         assert sender.returncode == 0, out[-2000:]
 
 
-def _resident_kb(server: ServerProcess) -> dict[int, int]:
-    sizes: dict[int, int] = {}
-    for pid in server.pids():
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                sizes[pid] = int(line.split()[1])
-    return sizes
-
-
 def _wait_indexed(server: ServerProcess, count: int) -> None:
     deadline = time.monotonic() + 60
     while len(index_rows(server.data_dir, "instances")) < count:
@@ -94,11 +85,11 @@ def test_resident_memory_does_not_grow_with_the_instances_stored(
 
     _send(storescu, server.port, first)
     _wait_indexed(server, FIRST)
-    before = _resident_kb(server)
+    before = server.status_kb("VmRSS")
 
     _send(storescu, server.port, second)
     _wait_indexed(server, FIRST + SECOND)
-    after = _resident_kb(server)
+    after = server.status_kb("VmRSS")
 
     assert before.keys() == after.keys(), "a server process was replaced during the test"
     growth = {pid: after[pid] - before[pid] for pid in before}
